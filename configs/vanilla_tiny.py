@@ -1,0 +1,6 @@
+"""CPU-sized vanilla Transformer (8 unique layers)."""
+from mor.config import as_config_dict, tiny_config
+
+
+def get_config():
+  return as_config_dict(tiny_config("vanilla"))

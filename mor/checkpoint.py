@@ -1,0 +1,85 @@
+"""Orbax checkpoints that resume exactly.
+
+A checkpoint holds the train state (parameters, optimizer state, non-parameter
+model state such as router biases and RNG streams, step), the data iterator
+position and the config. orbax writes each step into a temporary folder and
+renames it only when complete, so a half-written checkpoint is never listed;
+steps already saved are never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used: corrupt, or for a different model."""
+
+
+def manager(workdir: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
+  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                      create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=opts)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
+         cfg_dict: dict) -> None:
+  meta = {"data": data_state, "config": cfg_dict, "step": int(step)}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)))
+
+
+def abstract_like(state_shape: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings (restore onto any mesh)."""
+  leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+            for x, sh in zip(jax.tree.leaves(state_shape), jax.tree.leaves(shardings))]
+  return jax.tree.unflatten(jax.tree.structure(state_shape), leaves)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state_shape: Any, shardings: Any,
+                   cfg_dict: dict) -> tuple[Any, dict] | None:
+  """Returns (state, meta) of the newest checkpoint, or None when there is none.
+
+  Raises CheckpointError when the checkpoint was written for another model or
+  cannot be read.
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  where = os.path.join(str(mngr.directory), str(step))
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}); move it "
+                          "away to start over") from e
+  saved_model = meta.get("config", {}).get("model")
+  if saved_model != cfg_dict["model"]:
+    diff = sorted(k for k in cfg_dict["model"]
+                  if (saved_model or {}).get(k) != cfg_dict["model"][k])
+    raise CheckpointError(f"checkpoint {where} was written for another model (fields differ: "
+                          f"{', '.join('model.' + k for k in diff)}); use a new workdir")
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(state_shape, shardings))))
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {where} is corrupt or incomplete ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from e
+  return restored.state, meta
+
+
+def read_config(workdir: str) -> dict:
+  """The config saved with the newest checkpoint of a workdir (for notebooks)."""
+  mngr = manager(workdir, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {workdir}")
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["config"]
+
+
+def dumps(obj: Any) -> str:
+  return json.dumps(obj, sort_keys=True, default=str)

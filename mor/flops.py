@@ -1,0 +1,162 @@
+"""Analytic FLOP counter.
+
+Convention (REFERENCE.md section 3), counted per sequence of S tokens and
+reported per token:
+- a multiply-add is 2 FLOPs; only matmuls are counted (norms, RoPE, softmax,
+  activations and the embedding lookup are ignored);
+- per layer and per query token: Q 2*D*N*H, K and V 4*D*K*H, O 2*N*H*D,
+  SwiGLU 6*D*F; attention scores and the weighted sum 4*T*N*H where T is the
+  number of keys the query attends to;
+- `causal=True` counts the keys a causal query really needs (T = (n+1)/2 on
+  average over n tokens); `causal=False` counts the full n x n score matrix
+  that a masked dense kernel computes, which is what the compiler reports;
+- the LM head 2*D*V per token is counted; training is 3 x forward (backward
+  is twice the forward), rematerialisation is not counted (model FLOPs);
+- MoR: a recursion step runs the shared unit on the k_r tokens still active
+  (`mor.routers.capacities`, the static slot counts actually computed); with
+  recursive KV caching attention is among those k_r tokens, with KV sharing the
+  k_r queries attend over the first recursion's keys of all S tokens and later
+  steps skip K/V projections; routers are counted;
+- MoE: model FLOPs count the top-k active experts per token; hardware FLOPs
+  count every capacity slot (padding included) of the capacity-based path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mor.config import ModelConfig
+from mor.models.sharing import make_plan
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+  name: str
+  tokens: float          # query tokens processed per sequence
+  proj: float            # Q, K, V, O projections
+  attn: float            # scores + weighted values
+  mlp: float             # feed-forward (dense or active experts)
+  router: float = 0.0
+
+  @property
+  def total(self) -> float:
+    return self.proj + self.attn + self.mlp + self.router
+
+
+def _attn_keys(n: float, keys: float, causal: bool) -> float:
+  """Average keys per query: all `keys`, or the causal prefix among them."""
+  if not causal:
+    return keys
+  return (keys + 1) / 2 if keys == n else keys / 2
+
+
+def _layer(cfg: ModelConfig, name: str, n: float, keys: float, causal: bool,
+           project_kv: bool = True, mlp_flops_per_token: float | None = None,
+           router: float = 0.0) -> LayerFlops:
+  d, h, nh, kv = cfg.d_model, cfg.dh, cfg.num_heads, cfg.num_kv_heads
+  proj = n * (2 * d * nh * h + 2 * nh * h * d + (4 * d * kv * h if project_kv else 0))
+  attn = n * 4 * _attn_keys(n, keys, causal) * nh * h
+  mlp = n * (6 * d * cfg.ffn_dim if mlp_flops_per_token is None else mlp_flops_per_token)
+  return LayerFlops(name, n, proj, attn, mlp, router)
+
+
+def _moe_mlp(cfg: ModelConfig, hardware: bool, seq_tokens: int, batch: int) -> float:
+  """Per-token FLOPs of a MoE MLP: active experts (model) or capacity slots (hardware)."""
+  e = cfg.moe
+  f = e.expert_ffn_dim or cfg.ffn_dim
+  router = 2 * cfg.d_model * e.num_experts * (2 if e.router == "noisy_topk" else 1)
+  k = 1 if e.router == "switch" else e.top_k
+  if e.dense_training:
+    k = e.num_experts
+  active = k * 6 * cfg.d_model * f
+  if hardware and not e.dropless and not e.dense_training:
+    tokens = seq_tokens * batch
+    capacity = math.ceil(e.capacity_factor * tokens * k / e.num_experts)
+    active = e.num_experts * capacity * 6 * cfg.d_model * f / tokens
+  return active + router
+
+
+def layer_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, hardware: bool = False,
+                batch: int = 1) -> list[LayerFlops]:
+  """Forward FLOPs of every applied layer for one sequence, plus the LM head."""
+  s = seq_len
+  plan = make_plan(cfg)
+  layers: list[LayerFlops] = []
+
+  def mlp_for(block: int):
+    if cfg.kind == "moe" and cfg.moe.is_moe_layer(block):
+      return _moe_mlp(cfg, hardware, s, batch)
+    return None
+
+  if cfg.kind != "mor":
+    for j, b in enumerate(plan.applied):
+      layers.append(_layer(cfg, f"layer{j}", s, s, causal, mlp_flops_per_token=mlp_for(b)))
+  else:
+    from mor.routers import capacities
+    caps = capacities(cfg, s)
+    r_cfg = cfg.router
+    for b in plan.prefix:
+      layers.append(_layer(cfg, f"prefix{b}", s, s, causal))
+    if r_cfg.routing == "token_choice":
+      layers[-1] = _with_router(layers[-1], s * 2 * cfg.d_model * cfg.num_recursions)
+    for r, k in enumerate(caps):
+      for i, b in enumerate(plan.unit):
+        share = r_cfg.kv == "share"
+        keys = s if share and r > 0 else k
+        router = 0.0
+        if i == 0 and r_cfg.routing == "expert_choice":
+          active_before = s if r == 0 else caps[r - 1]
+          router = active_before * _ec_router_flops(cfg)
+        layers.append(_layer(cfg, f"rec{r}.block{b}", k, keys, causal,
+                             project_kv=not (share and r > 0), router=router))
+    for b in plan.suffix:
+      layers.append(_layer(cfg, f"suffix{b}", s, s, causal))
+  layers.append(LayerFlops("lm_head", s, 0.0, 0.0, s * 2 * cfg.d_model * cfg.vocab_size))
+  return layers
+
+
+def _ec_router_flops(cfg: ModelConfig) -> float:
+  d = cfg.d_model
+  flops = 2 * d if cfg.router.head == "linear" else 2 * d * d + 2 * d
+  if cfg.router.causal == "aux_router":
+    flops += 2 * d * d + 2 * d
+  return flops
+
+
+def _with_router(layer: LayerFlops, router: float) -> LayerFlops:
+  return LayerFlops(layer.name, layer.tokens, layer.proj, layer.attn, layer.mlp,
+                    layer.router + router)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                            hardware: bool = False, batch: int = 1) -> float:
+  return sum(l.total for l in layer_flops(cfg, seq_len, causal, hardware, batch)) / seq_len
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                          hardware: bool = False, batch: int = 1) -> float:
+  """Forward + backward (2 x forward) model FLOPs per trained token."""
+  return 3 * forward_flops_per_token(cfg, seq_len, causal, hardware, batch)
+
+
+def train_flops_per_step(cfg: ModelConfig, seq_len: int, batch: int, causal: bool = True) -> float:
+  return train_flops_per_token(cfg, seq_len, causal, batch=batch) * seq_len * batch
+
+
+def summary(cfg: ModelConfig, seq_len: int) -> dict:
+  """A table-friendly breakdown: per-token forward/train FLOPs and per-layer totals."""
+  layers = layer_flops(cfg, seq_len)
+  return {
+      "forward_per_token": sum(l.total for l in layers) / seq_len,
+      "train_per_token": 3 * sum(l.total for l in layers) / seq_len,
+      "layers": {l.name: l.total / seq_len for l in layers},
+  }
+
+
+def compiled_flops(fn, *args) -> float:
+  """The compiler's FLOP count for jax.jit(fn)(*args) (XLA cost analysis)."""
+  import jax
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])

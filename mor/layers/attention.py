@@ -1,0 +1,78 @@
+"""Grouped-query causal self-attention with RoPE and explicit keys/values.
+
+Masking is by original token positions: a query at position p sees every key
+whose position is in [0, p]. The same code therefore serves a full sequence, a
+gathered subset of tokens (MoR), a KV cache, and keys shared from another
+recursion (recursive KV sharing).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mor import kv_cache
+from mor.layers.basic import dense, param
+from mor.layers.rope import apply_rope
+
+
+class KV(NamedTuple):
+  k_BxTxKxH: jax.Array
+  v_BxTxKxH: jax.Array
+  pos_BxT: jax.Array
+
+
+def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+  """Softmax attention of each query over the keys at positions <= its own."""
+  b, s, n, h = q_BxSxNxH.shape
+  k = kv.k_BxTxKxH.shape[2]
+  q_BxSxKxGxH = q_BxSxNxH.reshape(b, s, k, n // k, h)
+  logits = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, kv.k_BxTxKxH.astype(q_BxSxNxH.dtype),
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  k_pos = kv.pos_BxT[:, None, :]
+  mask_BxSxT = (k_pos >= 0) & (k_pos <= q_pos_BxS[:, :, None])
+  logits = jnp.where(mask_BxSxT[:, None, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q_BxSxNxH.dtype)
+  out = jnp.einsum("bkgst,btkh->bskgh", probs, kv.v_BxTxKxH.astype(q_BxSxNxH.dtype))
+  return out.reshape(b, s, n, h)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with num_kv_heads key/value heads shared by head groups."""
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               rope_theta: float, std: float, rngs: nnx.Rngs):
+    self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
+    self.wk = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                    std)
+    self.wv = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                    std)
+    self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), std)
+    self.rope_theta = rope_theta
+
+  def project_kv(self, x_BxSxD: jax.Array, pos_BxS: jax.Array) -> KV:
+    dt = x_BxSxD.dtype
+    k = apply_rope(dense(x_BxSxD, self.wk[...], dt), pos_BxS, self.rope_theta)
+    return KV(k, dense(x_BxSxD, self.wv[...], dt), pos_BxS)
+
+  def __call__(self, x_BxSxD: jax.Array, pos_BxS: jax.Array, *,
+               cache: kv_cache.KVCache | None = None, shared_kv: KV | None = None,
+               valid_BxS: jax.Array | None = None):
+    """Returns (y_BxSxD, updated cache or None, this call's own KV or the shared one).
+
+    shared_kv: attend over these keys/values instead of projecting new ones.
+    cache: append this call's keys (the valid tokens) and attend over the cache.
+    """
+    dt = x_BxSxD.dtype
+    q = apply_rope(dense(x_BxSxD, self.wq[...], dt), pos_BxS, self.rope_theta)
+    kv = shared_kv if shared_kv is not None else self.project_kv(x_BxSxD, pos_BxS)
+    if cache is not None and shared_kv is None:
+      cache = kv_cache.write(cache, kv.k_BxTxKxH, kv.v_BxTxKxH, pos_BxS, valid_BxS)
+      ctx = attend(q, KV(cache.k_BxTxKxH, cache.v_BxTxKxH, cache.pos_BxT), pos_BxS)
+    else:
+      ctx = attend(q, kv, pos_BxS)
+    b, s, n, h = ctx.shape
+    y = dense(ctx.reshape(b, s, n * h), self.wo[...].reshape(n * h, -1), dt)
+    return y, cache, kv

@@ -1,0 +1,246 @@
+"""MoE layer: execution paths vs a per-expert loop, aux losses by hand, expert parallelism."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mor.config import MoEConfig, tiny_model
+from mor.layers import moe
+from mor.models import build_model
+from mor.models.moe import moe_param_counts, set_mode
+
+
+def make_cfg(**moe_kw):
+  return tiny_model(kind="moe", num_layers=2, d_model=16, ffn_dim=24, num_heads=2,
+                    num_kv_heads=1, vocab_size=64, max_seq_len=32,
+                    moe=MoEConfig(**{"num_experts": 4, **moe_kw}))
+
+
+def make_layer(seed=0, **moe_kw):
+  layer = moe.MoEMLP(make_cfg(**moe_kw), nnx.Rngs(seed))
+  # Larger router weights than init so routing is decisive and uneven.
+  layer.router.w[...] = jax.random.normal(jax.random.key(seed + 1), layer.router.w.shape)
+  return layer
+
+
+def loop_reference(x_NxD, r: moe.Routing, weights, capacity=None):
+  """Per-expert Python loop: choice-major, first come first served in token order."""
+  x, expert = np.asarray(x_NxD, np.float64), np.asarray(r.expert_NxA)
+  gate, valid = np.asarray(r.gate_NxA, np.float64), np.asarray(r.valid_NxA)
+  w_gate, w_up, w_down = (np.asarray(w, np.float64) for w in weights)
+  y = np.zeros_like(x)
+  count = np.zeros(w_gate.shape[0], int)
+  dropped = 0
+  for a in range(expert.shape[1]):
+    for n in range(x.shape[0]):
+      if not valid[n, a]:
+        continue
+      e = expert[n, a]
+      if capacity is not None and count[e] >= capacity:
+        dropped += 1
+        continue
+      count[e] += 1
+      g = x[n] @ w_gate[e]
+      h = g / (1 + np.exp(-g)) * (x[n] @ w_up[e])
+      y[n] += gate[n, a] * (h @ w_down[e])
+  return y, dropped
+
+
+@pytest.mark.parametrize("router", ["switch", "top2", "noisy_topk"])
+def test_paths_match_loop_reference(router):
+  layer = make_layer(router=router)
+  x_NxD = jax.random.normal(jax.random.key(2), (24, 16))
+  r = layer.router(x_NxD, train=False)
+  ref, _ = loop_reference(x_NxD, r, layer.weights)
+  y_dropless = moe.dropless_apply(x_NxD, r, layer.weights)
+  np.testing.assert_allclose(y_dropless, ref, atol=1e-5)
+  # Capacity = N: nothing can drop, equal to dropless.
+  y_full, kept = moe.capacity_apply(x_NxD, r, layer.weights, capacity=24)
+  assert bool(kept.all())
+  np.testing.assert_allclose(y_full, ref, atol=1e-5)
+  # A small capacity drops; the loop applies the same first-come rule.
+  ref_drop, n_drop = loop_reference(x_NxD, r, layer.weights, capacity=3)
+  y_drop, kept = moe.capacity_apply(x_NxD, r, layer.weights, capacity=3)
+  assert n_drop > 0 and int((~kept).sum()) == n_drop
+  np.testing.assert_allclose(y_drop, ref_drop, atol=1e-5)
+
+
+def test_switch_dropped_tokens_pass_through_and_are_counted():
+  layer = make_layer(router="switch", capacity_factor=0.5)
+  x = jax.random.normal(jax.random.key(3), (2, 8, 16))
+  y, aux = layer(x, train=True)
+  r = layer.router(x.reshape(-1, 16), train=True)
+  _, kept = moe.capacity_apply(x.reshape(-1, 16), r, layer.weights, capacity=2)
+  y_N = np.asarray(y).reshape(-1, 16)
+  assert np.all(y_N[~np.asarray(kept)] == 0)           # MoE output 0: residual only
+  np.testing.assert_allclose(aux["stats"]["moe/dropped_frac"], 1 - kept.mean(), atol=1e-6)
+  assert float(aux["stats"]["moe/tokens_per_expert"].sum()) == 16
+
+
+def test_layer_grads_capacity_equal_dropless_without_drops():
+  def loss(layer, x):
+    return jnp.sum(layer(x, train=False)[0] ** 2)
+  x = jax.random.normal(jax.random.key(4), (2, 6, 16))
+  grads = [nnx.grad(loss)(make_layer(router="top2", dropless=d, eval_capacity_factor=4.0), x)
+           for d in (False, True)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+
+
+# --- aux losses on crafted inputs -------------------------------------------------
+
+def test_cv_squared_and_z_loss_by_hand():
+  assert math.isclose(float(moe.cv_squared(jnp.array([1., 2., 3., 4.]))), 1.25 / 6.25,
+                      rel_tol=1e-6)
+  logits = jnp.array([[0., 0.], [math.log(3.), 0.]])
+  want = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+  assert math.isclose(float(moe.z_loss(logits)), want, rel_tol=1e-6)
+
+
+def phi(z):
+  return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_noisy_load_by_hand():
+  clean = jnp.array([[1.0, 0.0, 0.0]])
+  noisy = jnp.array([[1.5, 0.2, -0.3]])
+  std = jnp.array([[1.0, 2.0, 0.5]])
+  got = moe.noisy_load(clean, noisy, std, k=1)[0]
+  # Expert 0 is kept: threshold is the 2nd largest (0.2); others compare with 1.5.
+  want = [phi((1.0 - 0.2) / 1.0), phi((0.0 - 1.5) / 2.0), phi((0.0 - 1.5) / 0.5)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # k = E: nothing is excluded, every expert is kept with probability 1.
+  np.testing.assert_allclose(moe.noisy_load(clean, noisy, std, k=3), 1.0)
+
+
+def test_noisy_topk_losses_match_hand_computation():
+  layer = make_layer(router="noisy_topk", top_k=2, importance_coef=0.1, load_coef=0.1,
+                     z_loss_coef=0.0)
+  layer.router.w_noise[...] = 0.3 * jax.random.normal(jax.random.key(7), (16, 4))
+  x = np.asarray(jax.random.normal(jax.random.key(5), (10, 16)), np.float64)
+  rng = jax.random.key(9)
+  r = layer.router(jnp.asarray(x, jnp.float32), train=True, rng=rng)
+  wg, wn = np.asarray(layer.router.w[...], np.float64), np.asarray(layer.router.w_noise[...])
+  clean = x @ wg
+  std = np.log1p(np.exp(x @ wn))
+  h = clean + np.asarray(jax.random.normal(rng, (10, 4))) * std
+  gates = np.zeros_like(h)
+  load = np.zeros(4)
+  for n in range(10):
+    order = np.argsort(-h[n])
+    top = order[:2]
+    gates[n, top] = np.exp(h[n, top]) / np.exp(h[n, top]).sum()
+    for i in range(4):
+      others = np.sort(np.delete(h[n], i))[::-1]
+      load[i] += phi((clean[n, i] - others[1]) / std[n, i])   # 2nd largest excluding i
+  cv2 = lambda v: v.var() / v.mean() ** 2
+  np.testing.assert_allclose(r.losses["moe_importance"], 0.1 * cv2(gates.sum(0)), rtol=1e-4)
+  np.testing.assert_allclose(r.losses["moe_load"], 0.1 * cv2(load), rtol=1e-4)
+  np.testing.assert_allclose(r.gate_NxA.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_noisy_topk_starts_at_zero_and_is_deterministic_in_eval():
+  layer = moe.MoEMLP(make_cfg(router="noisy_topk"), nnx.Rngs(0))
+  assert float(jnp.abs(layer.router.w[...]).max()) == 0.0
+  assert float(jnp.abs(layer.router.w_noise[...]).max()) == 0.0
+  x = jax.random.normal(jax.random.key(1), (1, 8, 16))
+  a, b = layer(x, train=True)[0], layer(x, train=True)[0]   # noise stream advances
+  assert not np.allclose(a, b)
+  layer.eval()
+  np.testing.assert_array_equal(layer(x)[0], layer(x)[0])
+
+
+def test_switch_balance_by_hand():
+  probs = jnp.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.2, 0.8]])
+  expert = jnp.array([[0], [0], [0], [1]])
+  valid = jnp.ones((4, 1), bool)
+  # f = (3/4, 1/4), P = (0.6, 0.4): E * sum f P = 2 * (0.45 + 0.1).
+  assert math.isclose(float(moe.balance_loss(probs, expert, valid)), 1.1, rel_tol=1e-6)
+
+
+def test_top2_balance_minimum_is_one():
+  probs = jnp.full((2, 4), 0.25)
+  expert = jnp.array([[0, 1], [2, 3]])
+  # f counted over both choices and divided by k: the minimum is 1, not k = 2.
+  assert math.isclose(float(moe.balance_loss(probs, expert, jnp.ones((2, 2), bool))), 1.0,
+                      rel_tol=1e-6)
+
+
+def test_top2_gates_are_renormalised_softmax():
+  logits = jnp.array([[2.0, 1.0, 0.0, -1.0]])
+  idx, gate = moe.top_k_gates(logits, 2)
+  p = jax.nn.softmax(logits)[0]
+  np.testing.assert_array_equal(idx[0], [0, 1])
+  np.testing.assert_allclose(gate[0], p[:2] / p[:2].sum(), rtol=1e-6)
+
+
+def test_mi_loss_by_hand():
+  assert math.isclose(float(moe.mi_loss(jnp.array([[1., 0.], [0., 1.]]))), -math.log(2),
+                      rel_tol=1e-6)
+  assert abs(float(moe.mi_loss(jnp.full((3, 4), 0.25)))) < 1e-6
+
+
+# --- DS-MoE ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("keep_all", [dict(ds_threshold=0.0), dict(ds_top_k=4)])
+def test_ds_moe_sparse_inference_keeping_all_experts_equals_dense(keep_all):
+  layer = make_layer(dense_training=True, mi_loss_coef=1e-3, **keep_all)
+  x = jax.random.normal(jax.random.key(6), (2, 5, 16))
+  dense_y, aux = layer(x, train=True)
+  sparse_y, aux_eval = layer(x, train=False)
+  np.testing.assert_allclose(sparse_y, dense_y, atol=1e-5)
+  assert "moe_mi" in aux["losses"]
+  assert float(aux_eval["stats"]["moe/experts_per_token"]) == 4.0
+
+
+def test_ds_moe_threshold_keeps_fewer_experts():
+  layer = make_layer(dense_training=True, ds_threshold=0.48)
+  x = jax.random.normal(jax.random.key(6), (2, 5, 16))
+  _, aux = layer(x, train=False)
+  kept = float(aux["stats"]["moe/experts_per_token"])
+  assert 1.0 <= kept < 4.0
+  counts = moe_param_counts(build_model(make_cfg(dense_training=True), 0), kept)
+  assert counts["active"] < counts["total"]
+
+
+def test_param_counts_and_every():
+  model = build_model(make_cfg(router="top2", every=2), 0)
+  assert [type(b.mlp).__name__ for b in model.blocks] == ["SwiGLU", "MoEMLP"]
+  c = moe_param_counts(model)
+  per_expert = 3 * 16 * 24
+  assert c["total"] - c["active"] == (4 - 2) * per_expert
+  set_mode(model, train=False)
+  assert model.blocks[1].mlp.deterministic
+
+
+# --- expert parallelism ----------------------------------------------------------
+
+@pytest.mark.parametrize("dropless", [False, True])
+def test_expert_parallel_equals_single_device(dropless):
+  n_dev = max(d for d in (8, 4, 2, 1) if d <= jax.device_count())
+  cfg = tiny_model(kind="moe", num_layers=1, d_model=16, ffn_dim=24, num_heads=2,
+                   num_kv_heads=1, vocab_size=64, max_seq_len=32,
+                   moe=MoEConfig(num_experts=8, router="top2", dropless=dropless,
+                                 capacity_factor=1.0))
+  layer = moe.MoEMLP(cfg, nnx.Rngs(0))
+  layer.router.w[...] = jax.random.normal(jax.random.key(1), layer.router.w.shape)
+  x = jax.random.normal(jax.random.key(2), (4, 8, 16))
+  graphdef, state = nnx.split(layer)
+
+  @jax.jit
+  def forward(state, x):
+    return nnx.merge(graphdef, state)(x, train=True)[0]
+
+  single = forward(state, x)
+  mesh = Mesh(np.array(jax.devices()[:n_dev]), ("expert",))
+  spec = lambda v: P("expert") if "expert" in v.axes else P()
+  shardings = jax.tree.map(lambda v: NamedSharding(mesh, spec(v)), state,
+                           is_leaf=lambda v: isinstance(v, nnx.Variable))
+  sharded_state = jax.device_put(state, shardings)
+  assert len(sharded_state["w_gate"][...].sharding.device_set) == n_dev
+  parallel = jax.jit(forward.__wrapped__, out_shardings=NamedSharding(mesh, P()))(
+      sharded_state, x)
+  np.testing.assert_allclose(parallel, single, atol=1e-5)

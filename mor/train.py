@@ -119,7 +119,7 @@ def make_train_step(graphdef, tx, grad_accum: int, schedule) -> Callable:
     if hasattr(model, "post_update"):   # e.g. loss-free balancing biases
       model.post_update(aux.get("stats", {}))
     rest = nnx.state(model, nnx.Not(nnx.Param))
-    metrics = {"loss": loss, "nll": nll, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "nll": nll, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(step), **_scalar_metrics(aux)}
     new_state = {"params": params, "opt": opt, "rest": rest, "step": step + 1}
     return new_state, metrics

@@ -1,4 +1,5 @@
 """MoE layer: execution paths vs a per-expert loop, aux losses by hand, expert parallelism."""
+import functools
 import math
 
 import jax
@@ -25,6 +26,21 @@ def make_layer(seed=0, **moe_kw):
   # Larger router weights than init so routing is decisive and uneven.
   layer.router.w[...] = jax.random.normal(jax.random.key(seed + 1), layer.router.w.shape)
   return layer
+
+
+# Jitted entry points: eager op-by-op dispatch costs seconds per first call on CPU.
+@functools.partial(nnx.jit, static_argnames="train")
+def call(layer, x, train, rng=None):
+  return layer(x, train=train, rng=rng)
+
+
+@functools.partial(nnx.jit, static_argnames="train")
+def route(layer, x_NxD, train, rng=None):
+  return layer.router(x_NxD, train, rng)
+
+
+capacity_apply = jax.jit(moe.capacity_apply, static_argnames="capacity")
+dropless_apply = jax.jit(moe.dropless_apply)
 
 
 def loop_reference(x_NxD, r: moe.Routing, weights, capacity=None):
@@ -54,17 +70,17 @@ def loop_reference(x_NxD, r: moe.Routing, weights, capacity=None):
 def test_paths_match_loop_reference(router):
   layer = make_layer(router=router)
   x_NxD = jax.random.normal(jax.random.key(2), (24, 16))
-  r = layer.router(x_NxD, train=False)
+  r = route(layer, x_NxD, False)
   ref, _ = loop_reference(x_NxD, r, layer.weights)
-  y_dropless = moe.dropless_apply(x_NxD, r, layer.weights)
+  y_dropless = dropless_apply(x_NxD, r, layer.weights)
   np.testing.assert_allclose(y_dropless, ref, atol=1e-5)
   # Capacity = N: nothing can drop, equal to dropless.
-  y_full, kept = moe.capacity_apply(x_NxD, r, layer.weights, capacity=24)
+  y_full, kept = capacity_apply(x_NxD, r, layer.weights, capacity=24)
   assert bool(kept.all())
   np.testing.assert_allclose(y_full, ref, atol=1e-5)
   # A small capacity drops; the loop applies the same first-come rule.
   ref_drop, n_drop = loop_reference(x_NxD, r, layer.weights, capacity=3)
-  y_drop, kept = moe.capacity_apply(x_NxD, r, layer.weights, capacity=3)
+  y_drop, kept = capacity_apply(x_NxD, r, layer.weights, capacity=3)
   assert n_drop > 0 and int((~kept).sum()) == n_drop
   np.testing.assert_allclose(y_drop, ref_drop, atol=1e-5)
 
@@ -72,9 +88,9 @@ def test_paths_match_loop_reference(router):
 def test_switch_dropped_tokens_pass_through_and_are_counted():
   layer = make_layer(router="switch", capacity_factor=0.5)
   x = jax.random.normal(jax.random.key(3), (2, 8, 16))
-  y, aux = layer(x, train=True)
-  r = layer.router(x.reshape(-1, 16), train=True)
-  _, kept = moe.capacity_apply(x.reshape(-1, 16), r, layer.weights, capacity=2)
+  y, aux = call(layer, x, True)
+  r = route(layer, x.reshape(-1, 16), True)
+  _, kept = capacity_apply(x.reshape(-1, 16), r, layer.weights, capacity=2)
   y_N = np.asarray(y).reshape(-1, 16)
   assert np.all(y_N[~np.asarray(kept)] == 0)           # MoE output 0: residual only
   np.testing.assert_allclose(aux["stats"]["moe/dropped_frac"], 1 - kept.mean(), atol=1e-6)
@@ -85,7 +101,7 @@ def test_layer_grads_capacity_equal_dropless_without_drops():
   def loss(layer, x):
     return jnp.sum(layer(x, train=False)[0] ** 2)
   x = jax.random.normal(jax.random.key(4), (2, 6, 16))
-  grads = [nnx.grad(loss)(make_layer(router="top2", dropless=d, eval_capacity_factor=4.0), x)
+  grads = [nnx.jit(nnx.grad(loss))(make_layer(router="top2", dropless=d, eval_capacity_factor=4.0), x)
            for d in (False, True)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
 
@@ -122,7 +138,7 @@ def test_noisy_topk_losses_match_hand_computation():
   layer.router.w_noise[...] = 0.3 * jax.random.normal(jax.random.key(7), (16, 4))
   x = np.asarray(jax.random.normal(jax.random.key(5), (10, 16)), np.float64)
   rng = jax.random.key(9)
-  r = layer.router(jnp.asarray(x, jnp.float32), train=True, rng=rng)
+  r = route(layer, jnp.asarray(x, jnp.float32), True, rng)
   wg, wn = np.asarray(layer.router.w[...], np.float64), np.asarray(layer.router.w_noise[...])
   clean = x @ wg
   std = np.log1p(np.exp(x @ wn))
@@ -147,10 +163,11 @@ def test_noisy_topk_starts_at_zero_and_is_deterministic_in_eval():
   assert float(jnp.abs(layer.router.w[...]).max()) == 0.0
   assert float(jnp.abs(layer.router.w_noise[...]).max()) == 0.0
   x = jax.random.normal(jax.random.key(1), (1, 8, 16))
-  a, b = layer(x, train=True)[0], layer(x, train=True)[0]   # noise stream advances
+  a, b = call(layer, x, True)[0], call(layer, x, True)[0]   # noise stream advances
   assert not np.allclose(a, b)
+  np.testing.assert_array_equal(call(layer, x, False)[0], call(layer, x, False)[0])
   layer.eval()
-  np.testing.assert_array_equal(layer(x)[0], layer(x)[0])
+  assert layer.deterministic
 
 
 def test_switch_balance_by_hand():
@@ -189,8 +206,8 @@ def test_mi_loss_by_hand():
 def test_ds_moe_sparse_inference_keeping_all_experts_equals_dense(keep_all):
   layer = make_layer(dense_training=True, mi_loss_coef=1e-3, **keep_all)
   x = jax.random.normal(jax.random.key(6), (2, 5, 16))
-  dense_y, aux = layer(x, train=True)
-  sparse_y, aux_eval = layer(x, train=False)
+  dense_y, aux = call(layer, x, True)
+  sparse_y, aux_eval = call(layer, x, False)
   np.testing.assert_allclose(sparse_y, dense_y, atol=1e-5)
   assert "moe_mi" in aux["losses"]
   assert float(aux_eval["stats"]["moe/experts_per_token"]) == 4.0
@@ -199,7 +216,7 @@ def test_ds_moe_sparse_inference_keeping_all_experts_equals_dense(keep_all):
 def test_ds_moe_threshold_keeps_fewer_experts():
   layer = make_layer(dense_training=True, ds_threshold=0.48)
   x = jax.random.normal(jax.random.key(6), (2, 5, 16))
-  _, aux = layer(x, train=False)
+  _, aux = call(layer, x, False)
   kept = float(aux["stats"]["moe/experts_per_token"])
   assert 1.0 <= kept < 4.0
   counts = moe_param_counts(build_model(make_cfg(dense_training=True), 0), kept)

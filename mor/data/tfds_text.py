@@ -43,9 +43,11 @@ def eval_hash(relpath: str) -> float:
 
 
 def split_files(sizes: Mapping[str, int], eval_fraction: float) -> tuple[list[str], list[str]]:
-  """(train, validation) relative paths: validation takes files in hash order until it holds
-  eval_fraction of the bytes (by count, a few large files would skew it); each split is
-  non-empty when there are >= 2 files."""
+  """(train, validation) relative paths, each non-empty when there are >= 2 files.
+
+  Validation takes files in hash order until it holds eval_fraction of the bytes;
+  counting files instead would let a few large ones skew the held-out size.
+  """
   ranked = sorted(sizes, key=lambda p: (eval_hash(p), p))
   budget, n_val = eval_fraction * sum(sizes.values()), 0
   while n_val < len(ranked) and budget > 0:

@@ -26,7 +26,8 @@ update), later recursions' active queries attend over recursion 1's keys and
 values of the same block position within the unit and skip K/V projections.
 
 routing="causal" is the inference-time decision: expert-choice routes a
-survivor deeper when sigmoid(router or auxiliary-router logit) > threshold;
+survivor deeper when sigmoid(router or auxiliary-router logit) > threshold
+(a step of capacity 1.0 keeps every survivor);
 token-choice uses its argmax depth with no capacity drops. It keeps [B, S]
 shapes and masks inactive tokens (position -1 hides their keys): it is the
 reference for decoding, not the training hot path.
@@ -162,6 +163,7 @@ class MoRTransformer(Transformer):
     cand_idx_BxC = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cand_valid_BxC = jnp.ones((b, s), bool)
     k_eff = R.warmup_capacities(self.cfg, s, step) if mode == "warmup" else None
+    fractions = R.ec_fractions(self.cfg)
     depth_BxS = jnp.zeros((b, s), jnp.int32)
     losses = {"router_bce": 0.0, "router_z": 0.0}
     correct = cands = entropy = 0.0
@@ -174,6 +176,8 @@ class MoRTransformer(Transformer):
       if mode == "causal":
         j_BxK = jnp.broadcast_to(jnp.arange(s), (b, s))  # every candidate keeps its slot
         keep_BxK = cand_valid_BxC & (jax.nn.sigmoid(decide_BxC) > rc.threshold)
+        if fractions[r] >= 1.0:  # a full-capacity step keeps every survivor; nothing to decide
+          keep_BxK = cand_valid_BxC
       else:
         j_BxK, keep_BxK = R.expert_choice_select(
             logit_BxC, cand_valid_BxC, slots[r], None if k_eff is None else k_eff[r])

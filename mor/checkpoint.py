@@ -58,9 +58,9 @@ def restore_latest(mngr: ocp.CheckpointManager, state_shape: Any, shardings: Any
     raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}); move it "
                           "away to start over") from e
   saved_model = meta.get("config", {}).get("model")
-  if saved_model != cfg_dict["model"]:
-    diff = sorted(k for k in cfg_dict["model"]
-                  if (saved_model or {}).get(k) != cfg_dict["model"][k])
+  model = json.loads(dumps(cfg_dict["model"]))   # as JSON stores it (tuples become lists)
+  if saved_model != model:
+    diff = sorted(k for k in model if (saved_model or {}).get(k) != model[k])
     raise CheckpointError(f"checkpoint {where} was written for another model (fields differ: "
                           f"{', '.join('model.' + k for k in diff)}); use a new workdir")
   try:

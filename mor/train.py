@@ -8,6 +8,7 @@ The step is a pure function `(state, batch) -> (state, metrics)` over the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -145,8 +146,16 @@ def num_steps(cfg: Config) -> tuple[int, float]:
 
 
 def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
-  """Builds the mesh, shardings and jitted init/train/eval functions for cfg."""
-  mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+  """Builds the mesh, shardings and jitted init/train/eval functions for cfg.
+
+  Cached per (config, mesh), so resuming or sweeping in one process reuses the
+  compiled steps.
+  """
+  return _setup(cfg, mesh if mesh is not None else sharding.make_mesh(cfg.mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
   steps, per_step = num_steps(cfg)
   tx = make_optimizer(cfg.train, max(steps, 1))
   abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))

@@ -126,9 +126,6 @@ class Router(nnx.Module):
       # Own stream so the noise does not depend on which other modules draw keys.
       self.rngs = nnx.Rngs(noise=rngs.noise() if "noise" in rngs else rngs.params())
 
-  def logits(self, x_NxD: jax.Array) -> jax.Array:
-    return x_NxD.astype(jnp.float32) @ self.w[...]
-
   def __call__(self, x_NxD: jax.Array, train: bool, rng: jax.Array | None = None) -> Routing:
     m = self.moe
     x32 = x_NxD.astype(jnp.float32)

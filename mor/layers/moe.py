@@ -118,10 +118,10 @@ class Router(nnx.Module):
     self.k = active_experts(m)
     self.noisy = m.router == "noisy_topk" and not m.dense_training
     init = "zeros" if self.noisy else "normal"
-    self.w = param(rngs, (cfg.d_model, m.num_experts), ("embed", "expert_router"),
+    self.w = param(rngs, (cfg.d_model, m.num_experts), ("embed", "router"),
                    cfg.init_std, init)
     if self.noisy:
-      self.w_noise = param(rngs, (cfg.d_model, m.num_experts), ("embed", "expert_router"),
+      self.w_noise = param(rngs, (cfg.d_model, m.num_experts), ("embed", "router"),
                            init="zeros")
       # Own stream so the noise does not depend on which other modules draw keys.
       self.rngs = nnx.Rngs(noise=rngs.noise() if "noise" in rngs else rngs.params())
@@ -280,7 +280,10 @@ class MoEMLP(nnx.Module):
 
   Train/eval (noise, capacity factor, DS-MoE dense vs sparse) follows the
   `deterministic` attribute, which `nnx.Module.eval()` / `.train()` set, unless
-  `train` is passed.
+  `train` is passed. The attribute is static: after nnx.split it lives in the
+  graphdef, so an eval step needs a graphdef split from a model in eval mode.
+  Logical axes: experts ("expert", "embed", "mlp") / ("expert", "mlp", "embed"),
+  router ("embed", "router").
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):

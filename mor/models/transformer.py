@@ -105,16 +105,21 @@ class Transformer(nnx.Module):
     return self.logits(x), (new_caches if caches is not None else None), merge_aux(*auxes)
 
 
+def _size(module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
 def count_params(model: nnx.Module) -> dict:
-  """Unique parameters, and parameters applied per token (tied blocks counted per use)."""
-  state = nnx.state(model, nnx.Param)
-  unique = sum(x.size for x in jax.tree.leaves(state))
-  emb = model.embed.table[...].size
-  head = 0 if model.cfg.tie_embeddings else model.head[...].size
-  per_block = [sum(x.size for x in jax.tree.leaves(nnx.state(b, nnx.Param)))
-               for b in model.blocks]
+  """Unique parameters, and parameters applied per token (tied blocks counted per use).
+
+  Works on abstract models too (`nnx.eval_shape`), so paper sizes cost nothing.
+  """
+  unique = _size(model)
+  emb = _size(model.embed)
+  head = 0 if model.cfg.tie_embeddings else model.head.get_raw_value().size
+  per_block = [_size(b) for b in model.blocks]
   applied_blocks = sum(per_block[b] for b in model.plan.applied)
-  other = unique - emb - head - sum(per_block)
+  other = unique - emb - head - sum(per_block)   # final norm, routers
   return {"unique": unique, "unique_non_embedding": unique - emb - head,
           "applied_non_embedding": applied_blocks + other,
           "applied": applied_blocks + other + emb + head, "embedding": emb + head}

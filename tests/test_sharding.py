@@ -31,6 +31,19 @@ def test_sharded_step_equals_single_device(mesh):
     assert not sharding.report_replicated(state["params"], min_size=1024)
 
 
+@pytest.mark.parametrize("router", [dict(routing="expert_choice"),
+                                    dict(routing="token_choice", gate="softmax", alpha=1.0)])
+def test_sharded_mor_step_equals_single_device(router):
+  cfg = config.replace(tiny_cfg(), model={"kind": "mor", "router": router},
+                       mesh=dict(data=-1, fsdp=1, tensor=1, expert=1))
+  ref_loss, ref_params, _ = step_on(cfg, jax.devices()[:1])
+  cfg8 = config.replace(cfg, mesh=dict(data=2, fsdp=2, tensor=2))
+  loss, params, _ = step_on(cfg8, jax.devices())
+  assert abs(loss - ref_loss) < 1e-5
+  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_golden_partition_specs():
   cfg = config.replace(tiny_cfg(), mesh=dict(data=2, fsdp=2, tensor=2))
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh))

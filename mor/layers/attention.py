@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mor import kv_cache
+from mor.layers import lora as lora_lib
 from mor.layers.basic import dense, param
 from mor.layers.rope import apply_rope
 
@@ -43,7 +44,8 @@ class Attention(nnx.Module):
   """Multi-head attention with num_kv_heads key/value heads shared by head groups."""
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               rope_theta: float, std: float, rngs: nnx.Rngs):
+               rope_theta: float, std: float, rngs: nnx.Rngs,
+               lora: lora_lib.LoRASpec | None = None):
     self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
     self.wk = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
                     std)
@@ -51,28 +53,34 @@ class Attention(nnx.Module):
                     std)
     self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), std)
     self.rope_theta = rope_theta
+    self.lora = lora_lib.adapters(lora, self, "attn", rngs)  # per-recursion; None: no relaxation
 
-  def project_kv(self, x_BxSxD: jax.Array, pos_BxS: jax.Array) -> KV:
+  def project_kv(self, x_BxSxD: jax.Array, pos_BxS: jax.Array,
+                 recursion: int | None = None) -> KV:
     dt = x_BxSxD.dtype
-    k = apply_rope(dense(x_BxSxD, self.wk[...], dt), pos_BxS, self.rope_theta)
-    return KV(k, dense(x_BxSxD, self.wv[...], dt), pos_BxS)
+    proj = lambda w, t: lora_lib.project(x_BxSxD, w[...], dt, self.lora, t, recursion)
+    k = apply_rope(proj(self.wk, "k"), pos_BxS, self.rope_theta)
+    return KV(k, proj(self.wv, "v"), pos_BxS)
 
   def __call__(self, x_BxSxD: jax.Array, pos_BxS: jax.Array, *,
                cache: kv_cache.KVCache | None = None, shared_kv: KV | None = None,
-               valid_BxS: jax.Array | None = None):
+               valid_BxS: jax.Array | None = None, recursion: int | None = None):
     """Returns (y_BxSxD, updated cache or None, this call's own KV or the shared one).
 
     shared_kv: attend over these keys/values instead of projecting new ones.
     cache: append this call's keys (the valid tokens) and attend over the cache.
+    recursion: which recursion's LoRA adapters to add (None: the shared weights alone).
     """
     dt = x_BxSxD.dtype
-    q = apply_rope(dense(x_BxSxD, self.wq[...], dt), pos_BxS, self.rope_theta)
-    kv = shared_kv if shared_kv is not None else self.project_kv(x_BxSxD, pos_BxS)
+    q = lora_lib.project(x_BxSxD, self.wq[...], dt, self.lora, "q", recursion)
+    q = apply_rope(q, pos_BxS, self.rope_theta)
+    kv = shared_kv if shared_kv is not None else self.project_kv(x_BxSxD, pos_BxS, recursion)
     if cache is not None and shared_kv is None:
       cache = kv_cache.write(cache, kv.k_BxTxKxH, kv.v_BxTxKxH, pos_BxS, valid_BxS)
       ctx = attend(q, KV(cache.k_BxTxKxH, cache.v_BxTxKxH, cache.pos_BxT), pos_BxS)
     else:
       ctx = attend(q, kv, pos_BxS)
     b, s, n, h = ctx.shape
-    y = dense(ctx.reshape(b, s, n * h), self.wo[...].reshape(n * h, -1), dt)
+    y = lora_lib.project(ctx.reshape(b, s, n * h), self.wo[...].reshape(n * h, -1), dt,
+                         self.lora, "o", recursion)
     return y, cache, kv

@@ -45,6 +45,8 @@ from flax import nnx
 
 from mor import routers as R
 from mor.config import ModelConfig
+from mor.models import mor_decode
+from mor.models.mor_decode import MoRCaches
 from mor.models.transformer import Transformer, default_positions
 
 
@@ -88,12 +90,27 @@ class MoRTransformer(Transformer):
       self.router = R.TokenChoiceRouter(cfg, rngs)
 
   def __call__(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None,
-               caches: list | None = None, *, routing: str = "topk", step=None):
-    """Returns (logits_BxSxV, None, aux); routing is 'topk' (training) or 'causal'."""
+               caches: MoRCaches | None = None, *, routing: str = "topk", step=None,
+               max_depth: int | None = None):
+    """Returns (logits_BxSxV, caches or None, aux); routing is 'topk' (training) or 'causal'.
+
+    With `caches` (from `init_caches`) this is prefill or decoding, always with
+    the causal decisions (mor.models.mor_decode). max_depth (causal routing only)
+    allows more or fewer recursions than trained: test-time depth scaling.
+    """
     if caches is not None:
-      raise NotImplementedError("MoR decoding with caches is not implemented yet")
-    logits, _, aux = self._forward(tokens_BxS, pos_BxS, routing, step)
+      pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
+      return mor_decode.cached_forward(self, tokens_BxS, pos_BxS, caches)
+    logits, _, aux = self._forward(tokens_BxS, pos_BxS, routing, step, max_depth)
     return logits, None, aux
+
+  def init_caches(self, batch: int, max_len: int, slots=None) -> MoRCaches:
+    """Prefix/suffix caches and one cache per (depth, unit block), or per unit block (share).
+
+    slots: None (every depth max_len slots, exact), 'capacity' or a fraction per
+    depth (mor_decode.depth_slots): smaller caches for the deeper recursions.
+    """
+    return mor_decode.init_caches(self, batch, max_len, slots)
 
   def routing_decisions(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None, *,
                         routing: str = "topk", step=None) -> jax.Array:
@@ -106,24 +123,26 @@ class MoRTransformer(Transformer):
       self.router.post_update(stats["assigned_per_depth"])
 
   # -------------------------------------------------------------------------
-  def _forward(self, tokens_BxS, pos_BxS, routing, step):
+  def _forward(self, tokens_BxS, pos_BxS, routing, step, max_depth=None):
     if routing not in ("topk", "causal"):
       raise ValueError(f"routing={routing!r}; choose topk or causal")
+    if max_depth is not None and routing != "causal":
+      raise ValueError("max_depth (test-time depth scaling) needs routing='causal'")
     pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
     x = self.embed_tokens(tokens_BxS)
     for b in self.plan.prefix:
       x = self.apply_block(b, x, pos_BxS)[0]
-    x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step)
+    x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step, max_depth)
     for b in self.plan.suffix:
       x = self.apply_block(b, x, pos_BxS)[0]
     return self.logits(x), depth_BxS, aux
 
-  def _recursions(self, x_BxSxD, pos_BxS, routing, step):
+  def _recursions(self, x_BxSxD, pos_BxS, routing, step, max_depth=None):
     s, n = x_BxSxD.shape[1], self.cfg.num_recursions
     run = self._expert_choice if self.expert_choice else self._token_choice
     full = (s,) * n
     if routing == "causal":
-      return run(x_BxSxD, pos_BxS, full, mode="causal")
+      return run(x_BxSxD, pos_BxS, (s,) * (max_depth or n), mode="causal")
     fast = lambda: run(x_BxSxD, pos_BxS, tuple(R.capacities(self.cfg, s)), mode="topk")
     warmup = self.cfg.router.warmup_steps
     if step is None or warmup <= 0:
@@ -169,14 +188,17 @@ class MoRTransformer(Transformer):
     correct = cands = entropy = 0.0
     hist = jnp.zeros((R.HIST_BINS,), jnp.float32)
     shared = None
-    for r, router in enumerate(self.routers):
+    for r in range(len(slots)):
+      # Past the trained N_r (test-time depth scaling) the last step's router decides.
+      r_ = min(r, len(self.routers) - 1)
+      router = self.routers[r_]
       h_cand_BxCxD = _take(h_BxSxD, cand_idx_BxC)
       logit_BxC = router.logit(h_cand_BxCxD)
       decide_BxC = router.decision_logit(h_cand_BxCxD, logit_BxC)
       if mode == "causal":
         j_BxK = jnp.broadcast_to(jnp.arange(s), (b, s))  # every candidate keeps its slot
         keep_BxK = cand_valid_BxC & (jax.nn.sigmoid(decide_BxC) > rc.threshold)
-        if fractions[r] >= 1.0:  # a full-capacity step keeps every survivor; nothing to decide
+        if fractions[r_] >= 1.0:  # a full-capacity step keeps every survivor; nothing to decide
           keep_BxK = cand_valid_BxC
       else:
         j_BxK, keep_BxK = R.expert_choice_select(
@@ -220,12 +242,15 @@ class MoRTransformer(Transformer):
     if mode == "warmup":  # forced full depth; the gate follows the depth actually used
       assigned_BxS = jnp.full_like(assigned_BxS, n)
       gate_BxS = self.cfg.router.alpha * tc.scores_BxSxN[..., n - 1]
+    if len(slots) != n:  # test-time depth: tokens routed to the deepest trained depth go on
+      assigned_BxS = jnp.where(assigned_BxS >= n, len(slots), jnp.minimum(assigned_BxS,
+                                                                          len(slots)))
     state_BxSxD = h1_BxSxD
     processed_BxS = jnp.ones((b, s), bool)
     depth_BxS = jnp.zeros((b, s), jnp.int32)
     dropped_B = jnp.zeros((b,), jnp.int32)
     shared = None
-    for r in range(n):
+    for r in range(len(slots)):
       eligible_BxS = processed_BxS & (assigned_BxS > r)
       idx_BxK, keep_BxK = R.token_choice_slots(eligible_BxS, slots[r])
       processed_BxS = _scatter(jnp.zeros((b, s), bool), idx_BxK, keep_BxK, True, add=False)

@@ -14,6 +14,7 @@ from flax import nnx
 from mor import kv_cache
 from mor.config import ModelConfig
 from mor.layers import Block, Embed, RMSNorm, dense, param
+from mor.layers.lora import applied_recursions
 from mor.models.sharing import make_plan
 
 Aux = dict  # {"losses": {name: weighted scalar}, "stats": {name: array}}
@@ -49,8 +50,10 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.plan = make_plan(cfg)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, rngs)
+    shared = set(self.plan.unit) if self.plan.num_recursions > 1 else set()
     self.blocks = nnx.List([
-        Block(cfg, rngs, mlp=mlp_factory(i, rngs) if mlp_factory else None)
+        Block(cfg, rngs, mlp=mlp_factory(i, rngs) if mlp_factory else None,
+              lora_num=cfg.num_recursions if i in shared else 0)
         for i in range(self.plan.num_blocks)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     if not cfg.tie_embeddings:
@@ -75,11 +78,17 @@ class Transformer(nnx.Module):
     w = self.embed.table[...].T if self.cfg.tie_embeddings else self.head[...]
     return dense(h, w, h.dtype).astype(jnp.float32)
 
-  def apply_block(self, index: int, x_BxSxD, pos_BxS, **kw):
-    """Applies unique block `index`; rematerialised in training when cfg.remat."""
+  def apply_block(self, index: int, x_BxSxD, pos_BxS, recursion: int | None = None, **kw):
+    """Applies unique block `index`; rematerialised in training when cfg.remat.
+
+    recursion: which application of a shared block this is, selecting its LoRA
+    adapters (None: no adapters; the block's code path is then unchanged).
+    """
     block = self.blocks[index]
-    if self.cfg.remat and not kw:
-      return nnx.remat(lambda blk, x, p: blk(x, p))(block, x_BxSxD, pos_BxS)
+    if recursion is not None:
+      kw["recursion"] = recursion
+    if self.cfg.remat and set(kw) <= {"recursion"}:
+      return nnx.remat(lambda blk, x, p: blk(x, p, **kw))(block, x_BxSxD, pos_BxS)
     return block(x_BxSxD, pos_BxS, **kw)
 
   def __call__(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None,
@@ -97,9 +106,10 @@ class Transformer(nnx.Module):
     pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
     x = self.embed_tokens(tokens_BxS)
     new_caches, auxes = [], []
+    recs = applied_recursions(self.plan) if self.cfg.lora_rank else (None,) * len(self.plan.applied)
     for j, b in enumerate(self.plan.applied):
       kw = {} if caches is None else {"cache": caches[j]}
-      x, cache, _, aux = self.apply_block(b, x, pos_BxS, **kw)
+      x, cache, _, aux = self.apply_block(b, x, pos_BxS, recursion=recs[j], **kw)
       new_caches.append(cache)
       auxes.append(merge_aux(aux, prefix=f"layer{j}/"))
     return self.logits(x), (new_caches if caches is not None else None), merge_aux(*auxes)

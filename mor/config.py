@@ -337,7 +337,7 @@ def tiny_config(kind: str = "recursive", **model_overrides) -> Config:
   """A CPU-sized run: trains in a few minutes on 2 cores."""
   model = tiny_model(kind=kind, max_seq_len=128, **model_overrides)
   return Config(model=model, data=DataConfig(seq_len=128, batch_size=16),
-                train=TrainConfig(steps=300, lr=3e-3, log_every=10, eval_every=100,
+                train=TrainConfig(steps=200, lr=3e-3, log_every=10, eval_every=100,
                                   eval_batches=8, checkpoint_every=100))
 
 

@@ -39,6 +39,7 @@ import math
 import os
 import struct
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -46,7 +47,7 @@ from flax import nnx
 
 from mor import config as config_lib
 from mor.config import ModelConfig
-from mor.layers.lora import PROJECTIONS, applied_recursions, block_weights, has_adapters
+from mor.layers.lora import PROJECTIONS, applied_recursions, block_weights
 from mor.models import build_model, make_plan
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -285,3 +286,15 @@ def _check_tied(get, uses: list[int], hf_name: str) -> None:
     if not np.array_equal(first, get(f"model.layers.{j}.{hf_name}.weight")):
       raise ValueError(f"layers {uses[0]} and {j} ({hf_name}) share a block in the recorded "
                        "plan but differ; pass as_vanilla=True to read every layer untied")
+
+
+def export_checkpoint(workdir: str, folder: str, dtype: str = "float32") -> None:
+  """Exports the newest training checkpoint of a workdir (mor.train.run) to Llama format."""
+  from mor import checkpoint, train
+  saved = checkpoint.read_config(workdir)
+  s = train.setup(config_lib.from_dict(saved))
+  mngr = checkpoint.manager(workdir, async_save=False)
+  shapes = jax.eval_shape(s.init, jax.random.key(0))
+  state, _ = checkpoint.restore_latest(mngr, shapes, s.state_shardings, saved)
+  mngr.close()
+  export_llama(train.model_from_state(s, state), folder, dtype)

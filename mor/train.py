@@ -80,10 +80,10 @@ def total_loss(nll: jax.Array, aux: dict) -> jax.Array:
   return nll + sum(aux.get("losses", {}).values(), jnp.float32(0))
 
 
-def _forward(graphdef, params, rest, batch, step):
+def _forward(graphdef, params, rest, batch, step, routing: str = "topk"):
   # copy: modules that advance their own RNG counters (noisy MoE gates) mutate `rest`
   model = nnx.merge(graphdef, params, rest, copy=True)
-  logits, _, aux = model(batch["inputs"], step=step)
+  logits, _, aux = model(batch["inputs"], step=step, routing=routing)
   nll = cross_entropy(logits, batch["targets"])
   return total_loss(nll, aux), (nll, aux, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -130,9 +130,17 @@ def make_train_step(graphdef, tx, grad_accum: int, schedule) -> Callable:
 
 
 def make_eval_step(graphdef) -> Callable:
+  """Held-out NLL with the inference-time (causal) routing and with the training routing.
+
+  For MoR, `eval_nll` routes each token causally, as decoding does, and
+  `eval_nll_topk` is the reference code's evaluation (top-k over the whole
+  sequence); for dense models the two are equal.
+  """
   def eval_fn(state, batch):
-    _, (nll, aux, _) = _forward(graphdef, state["params"], state["rest"], batch, state["step"])
-    return {"eval_nll": nll, **_scalar_metrics(aux)}
+    args = (graphdef, state["params"], state["rest"], batch, state["step"])
+    _, (nll, aux, _) = _forward(*args, routing="causal")
+    _, (nll_topk, aux_topk, _) = _forward(*args, routing="topk")
+    return {"eval_nll": nll, "eval_nll_topk": nll_topk, **_scalar_metrics(aux_topk)}
   return eval_fn
 
 

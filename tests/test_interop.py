@@ -2,7 +2,6 @@
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,8 +95,28 @@ def transformers_logits(folder, tokens_BxS):
     return model.eval()(torch.as_tensor(np.asarray(tokens_BxS))).logits.numpy()
 
 
-def tokens(b=2, s=11, seed=1):
+def tokens(b=2, s=10, seed=1):
   return jnp.asarray(np.random.default_rng(seed).integers(0, 64, (b, s)), jnp.int32)
+
+
+_forward = nnx.jit(lambda model, t: model(t)[0])
+
+
+def logits(model, t):
+  """model(t)'s logits; jitted: compiling a whole small model beats op-by-op dispatch."""
+  return np.asarray(_forward(model, t))
+
+
+def filled(cfg, value=None, seed=0):
+  """cfg's model without running its initialisers (fast): every weight `value`, or random."""
+  model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    shape = var.get_value().shape
+    x = (np.full(shape, value) if value is not None else np.ones(shape) if path[-1] == "scale"
+         else 0.05 * rng.standard_normal(shape))
+    var.set_value(jnp.asarray(x, jnp.float32))
+  return model
 
 
 @pytest.mark.parametrize("tie,shards", [(True, 1), (False, 3)])
@@ -107,7 +126,7 @@ def test_import_matches_numpy_llama(tmp_path, tie, shards):
   assert (cfg.kind, cfg.num_layers, cfg.dh, cfg.norm_eps, cfg.tie_embeddings) == (
       "vanilla", 3, 16, 1e-5, tie)
   t = tokens()
-  ours = np.asarray(model(t)[0])
+  ours = logits(model, t)
   ref = numpy_llama(hf, w, np.asarray(t))
   assert np.abs(ref).max() > 1.0   # weights large enough that a layout slip would show
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
@@ -122,7 +141,7 @@ def test_vanilla_export_import_round_trip_is_exact(tmp_path):
   interop.export_llama(model, str(tmp_path / "out"))
   _, back = interop.import_llama(str(tmp_path / "out"))
   t = tokens()
-  np.testing.assert_array_equal(np.asarray(model(t)[0]), np.asarray(back(t)[0]))
+  np.testing.assert_array_equal(logits(model, t), logits(back, t))
   written = interop.read_safetensors(str(tmp_path / "out" / "model.safetensors"))
   assert set(written) == set(w)
   for k in w:
@@ -135,27 +154,20 @@ def small(kind, **kw):
                             sharing="middle_cycle", tie_embeddings=False, **kw)
 
 
-def perturb_adapters(model, scale=0.05):
-  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-    if "lora" in path and path[-1] == "b":
-      var.set_value(scale * jax.random.normal(jax.random.key(i), var.get_value().shape))
-
-
 @pytest.mark.parametrize("kind,extra", [
     ("recursive", {}),
     ("mor", {"router": config.RouterConfig(causal="aux_router")}),
     ("recursive", {"lora_rank": 2}),
 ])
 def test_recursive_export_import_round_trip(tmp_path, kind, extra):
-  model = build_model(small(kind, **extra), nnx.Rngs(3))
-  perturb_adapters(model)
+  model = filled(small(kind, **extra), seed=3)   # adapters included: B is not zero
   interop.export_llama(model, str(tmp_path))
   hf = json.load(open(tmp_path / "config.json"))
   assert hf["num_hidden_layers"] == 8 and hf["mor"]["plan"] == [0, 1, 2, 1, 2, 1, 2, 3]
   cfg, back = interop.import_llama(str(tmp_path))
   assert cfg == model.cfg and len(back.blocks) == 4
   t = tokens()
-  ours, theirs = np.asarray(model(t)[0]), np.asarray(back(t)[0])
+  ours, theirs = logits(model, t), logits(back, t)
   if extra.get("lora_rank"):   # un-folding the adapters costs a rounding error
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
   else:
@@ -167,14 +179,14 @@ def test_recursive_export_import_round_trip(tmp_path, kind, extra):
     flat = merge_lora(model)
     _, untied = interop.import_llama(str(tmp_path), as_vanilla=True)
     assert len(untied.blocks) == 8
-    np.testing.assert_array_equal(np.asarray(untied(t)[0]), np.asarray(flat(t)[0]))
+    np.testing.assert_array_equal(logits(untied, t), logits(flat, t))
     theirs = transformers_logits(str(tmp_path), t)
     if theirs is not None:
       np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_bfloat16_export_reads_back(tmp_path):
-  model = build_model(small("vanilla"), nnx.Rngs(0))
+  model = filled(small("vanilla"))
   interop.export_llama(model, str(tmp_path), dtype="bfloat16")
   _, back = interop.import_llama(str(tmp_path))
   want = np.asarray(model.blocks[2].attn.wq[...])
@@ -189,7 +201,7 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
   with pytest.raises(ValueError, match="unsupported Llama config fields: rope_scaling"):
     interop.import_llama(str(tmp_path / "a"))
   # a recorded plan whose tied layers differ (e.g. fine-tuned untied elsewhere)
-  interop.export_llama(build_model(small("recursive"), nnx.Rngs(0)), str(tmp_path / "b"))
+  interop.export_llama(filled(small("recursive")), str(tmp_path / "b"))
   path = str(tmp_path / "b" / "model.safetensors")
   w = {k: np.array(v) for k, v in interop.read_safetensors(path).items()}
   w["model.layers.3.mlp.up_proj.weight"] += 1.0
@@ -212,3 +224,25 @@ def test_safetensors_files_match_the_reference_library(tmp_path):
     for reader in (st.load_file, interop.read_safetensors):
       got = reader(str(tmp_path / f"{name}.safetensors"))
       assert set(got) == set(a) and all(np.array_equal(got[k], a[k]) for k in a)
+
+
+def test_export_checkpoint_of_a_training_run(tmp_path):
+  from mor import checkpoint, train
+  base = config.to_dict(config.tiny_config("recursive"))
+  base["model"].update(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, ffn_dim=48,
+                       num_layers=5, max_seq_len=32)
+  base["data"].update(seq_len=32, batch_size=8)
+  cfg = config.from_dict(base)
+  s = train.setup(cfg)
+  model = filled(cfg.model)   # a state shaped like s.init's, without compiling it
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  state = {"params": params, "opt": s.tx.init(params), "rest": rest,
+           "step": jnp.zeros((), jnp.int32)}
+  mngr = checkpoint.manager(str(tmp_path), async_save=False)
+  checkpoint.save(mngr, 3, state, {}, config.to_dict(cfg))
+  mngr.close()
+  interop.export_checkpoint(str(tmp_path), str(tmp_path / "llama"))
+  got_cfg, back = interop.import_llama(str(tmp_path / "llama"))
+  assert got_cfg == cfg.model
+  t = tokens()
+  np.testing.assert_array_equal(logits(back, t), logits(model, t))

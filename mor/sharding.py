@@ -116,3 +116,23 @@ def report_replicated(params: Any, min_size: int = 1 << 16) -> list[str]:
         sh.is_fully_replicated:
       out.append(jax.tree_util.keystr(path))
   return out
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+  """Pins an activation's layout by logical axes when traced under a mesh; else a no-op.
+
+  Train and eval steps trace under `use_abstract_mesh`, so the model never
+  needs a mesh argument and runs unchanged in notebooks and decoding.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh, x.shape))
+
+
+def under_mesh(fn, mesh: Mesh):
+  """fn traced with `mesh` as the abstract mesh (for `constrain` inside the model)."""
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped

@@ -215,6 +215,10 @@ def reproduce_sweep(scale: str = "cpu", flop_budget: float | None = None) -> lis
 def variant_sweep(names: Sequence[str], scale: str = "cpu",
                   flop_budget: float | None = None) -> list[Run]:
   """Runs for names in config.VARIANTS or 'moe', at one budget (default: the scale's)."""
+  bad = [v for v in names if v != "moe" and v not in config_lib.VARIANTS]
+  if bad:
+    raise config_lib.ConfigError(f"variant {bad[0]!r} is not allowed; choose one of "
+                                 f"{', '.join(config_lib.VARIANTS)}, moe")
   budget = flop_budget or (CPU_BUDGET if scale == "cpu" else PAPER_BUDGET)
   cfgs = [(v, moe_config(scale, budget) if v == "moe" else
            config_lib.variant_config(v, scale, budget)) for v in names]

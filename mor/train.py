@@ -184,9 +184,11 @@ def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
   init = jax.jit(init_fn, out_shardings=shardings)
   step_fn = make_train_step(graphdef, tx, cfg.train.grad_accum,
                             lr_schedule(cfg.train, max(steps, 1)))
-  train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+  train_step = jax.jit(sharding.under_mesh(step_fn, mesh),
+                       in_shardings=(shardings, batch_sh),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(shardings, batch_sh),
+  eval_step = jax.jit(sharding.under_mesh(make_eval_step(eval_graphdef), mesh),
+                      in_shardings=(shardings, batch_sh),
                       out_shardings=sharding.replicated(mesh))
   return Setup(cfg, mesh, graphdef, tx, shardings, batch_sh, init, train_step, eval_step, steps,
                per_step)

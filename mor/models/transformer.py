@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mor import kv_cache
+from mor import kv_cache, sharding
 from mor.config import ModelConfig
 from mor.layers import Block, Embed, RMSNorm, dense, param
 from mor.layers.lora import applied_recursions
@@ -70,13 +70,17 @@ class Transformer(nnx.Module):
             for _ in self.plan.applied]
 
   def embed_tokens(self, tokens_BxS: jax.Array) -> jax.Array:
-    return self.embed(tokens_BxS, compute_dtype(self.cfg))
+    # the gather from an FSDP/tensor-sharded table would otherwise leave the
+    # activations sharded over embed; pin them to the batch layout
+    x = self.embed(tokens_BxS, compute_dtype(self.cfg))
+    return sharding.constrain(x, ("batch", "sequence", None))
 
   def logits(self, x_BxSxD: jax.Array) -> jax.Array:
     """Final norm and LM head; logits in float32 for a stable softmax."""
     h = self.final_norm(x_BxSxD)
     w = self.embed.table[...].T if self.cfg.tie_embeddings else self.head[...]
-    return dense(h, w, h.dtype).astype(jnp.float32)
+    logits = dense(h, w, h.dtype).astype(jnp.float32)
+    return sharding.constrain(logits, ("batch", "sequence", "vocab"))
 
   def apply_block(self, index: int, x_BxSxD, pos_BxS, recursion: int | None = None, **kw):
     """Applies unique block `index`; rematerialised in training when cfg.remat.

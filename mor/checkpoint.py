@@ -57,7 +57,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state_shape: Any, shardings: Any
   except Exception as e:  # orbax raises many types for unreadable files
     raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}); move it "
                           "away to start over") from e
-  saved_model = meta.get("config", {}).get("model")
+  saved_model = _with_defaults(meta.get("config", {}).get("model") or {})
   model = json.loads(dumps(cfg_dict["model"]))   # as JSON stores it (tuples become lists)
   if saved_model != model:
     diff = sorted(k for k in model if (saved_model or {}).get(k) != model[k])
@@ -70,6 +70,15 @@ def restore_latest(mngr: ocp.CheckpointManager, state_shape: Any, shardings: Any
     raise CheckpointError(f"checkpoint {where} is corrupt or incomplete ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]})") from e
   return restored.state, meta
+
+
+def _with_defaults(model: dict) -> dict:
+  """A saved model section with fields added since it was written set to their defaults."""
+  from mor import config
+  try:
+    return json.loads(dumps(config.to_dict(config._build(config.ModelConfig, model, "model."))))
+  except config.ConfigError:   # a field since removed: compare as saved, which reports it
+    return model
 
 
 def read_config(workdir: str) -> dict:

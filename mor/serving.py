@@ -45,6 +45,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mor import kv_cache
 from mor.decode import sample
+from mor.layers import dense
+from mor.layers.attention import KV, attend
+from mor.layers.rope import apply_rope
 from mor.models.mor_decode import depth_slots, ec_decision
 from mor.models.transformer import compute_dtype
 
@@ -100,6 +103,9 @@ class Engine:
   num_slots: sequences in flight; max_len: positions per sequence (prompt + new).
   exit_rows: rows of the IO batch per step (suffix, head, prefix); a throughput
     knob that never changes outputs. Default: slots / expected depth, +25%.
+  depth_rows: per depth, the most slots whose attention runs at that depth in one
+    step (static group sizes; a slot over it waits a step). Default: the
+    expected share of slots at each depth, +25%. Also a throughput knob only.
   slots: per-depth cache sizes (None, 'capacity' or fractions; see depth_slots).
   forced_depths: a periodic per-position depth schedule that replaces the routers'
     decisions (gates still come from the routers); for benchmarks.
@@ -108,7 +114,8 @@ class Engine:
   """
 
   def __init__(self, model: nnx.Module, num_slots: int, max_len: int, *,
-               exit_rows: int | None = None, slots=None,
+               exit_rows: int | None = None, depth_rows: Sequence[int] | None = None,
+               slots=None,
                forced_depths: Sequence[int] | None = None, temperature: float = 0.0,
                top_k: int = 0, seed: int = 0, mesh=None, steps_per_call: int = 64,
                compiler_options: dict | None = None):
@@ -132,10 +139,15 @@ class Engine:
         mean_depth = float(np.mean(self.forced))
       exit_rows = math.ceil(1.25 * num_slots / max(mean_depth, 1.0))
     self.exit_rows = max(1, min(num_slots, exit_rows))
+    if depth_rows is None:  # expected share of unit rows at each depth, +25%
+      reach = np.asarray([float(np.mean(np.asarray(self.forced) > r)) for r in range(self.n)]
+                         if self.forced else [1.0] * self.n if self.kind == "fixed"
+                         else [min(1.0, f) for f in _fractions(model)])
+      depth_rows = [math.ceil(1.25 * num_slots * c / reach.sum()) + 1 for c in reach]
+    self.depth_rows = [max(1, min(num_slots, int(k))) for k in depth_rows][:len(self.seg_sizes)]
     self.temperature, self.top_k = float(temperature), int(top_k)
     self.mesh, self.steps_per_call = mesh, steps_per_call
     self.compiler_options = compiler_options
-    self.unit_attention = "masked"
     self.graphdef, self.params = nnx.split(model)
     self.key = jax.random.key(seed)
     self._requests: list[tuple[int, np.ndarray, int]] = []
@@ -202,19 +214,17 @@ class Engine:
     c, s = self.cfg, self.num_slots
     dt = compute_dtype(c)
 
-    def store(segments: Sequence[int]) -> Store:
-      t = sum(segments)
+    def store(t: int) -> Store:
       z = jnp.zeros((s, t, c.num_kv_heads, c.dh), dt)
-      return Store(z, z, jnp.full((s, t), -1, jnp.int32), jnp.zeros((s, len(segments)),
-                                                                   jnp.int32))
+      return Store(z, z, jnp.full((s, t), -1, jnp.int32), jnp.zeros((s, 1), jnp.int32))
 
     zi = jnp.zeros((s,), jnp.int32)
     zd = jnp.zeros((s, c.d_model), dt)
     slots = Slots(jnp.full((s,), -1, jnp.int32), zi, zi, zi, zi, zi, zi,
                   jnp.zeros((s,), bool), jnp.zeros((s,), jnp.float32), zd, zd)
-    return EngineState(slots, [store([self.max_len]) for _ in self.plan.prefix],
-                       [store(self.seg_sizes) for _ in self.plan.unit],
-                       [store([self.max_len]) for _ in self.plan.suffix], queue, self.key,
+    return EngineState(slots, [store(self.max_len) for _ in self.plan.prefix],
+                       [[store(t) for t in self.seg_sizes] for _ in self.plan.unit],
+                       [store(self.max_len) for _ in self.plan.suffix], queue, self.key,
                        jnp.zeros((4,), jnp.int32))
 
   def _put(self, st: EngineState) -> EngineState:
@@ -249,83 +259,85 @@ def _fractions(model) -> list[float]:
 
 
 # ---------------------------------------------------------------------------
-# Per-row cache access.
-def _view(eng: Engine, st: Store, rows_R, seg_R, single: bool) -> kv_cache.KVCache:
-  """Each row's segment of the store as an ordinary KVCache [R, T_view]."""
-  if single:  # one segment over all slots: the store itself, no copy
-    return kv_cache.KVCache(st.k_SxTxKxH, st.v_SxTxKxH, st.pos_SxT, st.length_SxG[:, 0])
-  sizes = jnp.asarray(eng.seg_sizes, jnp.int32)
-  offs = jnp.asarray(eng.seg_offsets, jnp.int32)
-  tv = max(eng.seg_sizes) if seg_R is not None else st.pos_SxT.shape[1]
-  t_1xT = jnp.arange(tv, dtype=jnp.int32)[None]
-  if seg_R is None:
-    seg_R = jnp.zeros_like(rows_R)
-    inside_RxT = jnp.ones((rows_R.shape[0], tv), bool)
-    idx_RxT = jnp.broadcast_to(t_1xT, inside_RxT.shape)
-  else:
-    inside_RxT = t_1xT < sizes[seg_R][:, None]
-    idx_RxT = jnp.minimum(offs[seg_R][:, None] + t_1xT, st.pos_SxT.shape[1] - 1)
-  r_Rx1 = rows_R[:, None]
-  return kv_cache.KVCache(st.k_SxTxKxH[r_Rx1, idx_RxT], st.v_SxTxKxH[r_Rx1, idx_RxT],
-                          jnp.where(inside_RxT, st.pos_SxT[r_Rx1, idx_RxT], -1),
-                          st.length_SxG[rows_R, seg_R])
+# Blocks over slot rows. `Block.__call__` with the attention opened up: every
+# row's new key is scattered into its cache first and the rows are read after,
+# so XLA updates the caches in place (a read before the write made it copy them).
+def _block(blk, x_Rx1xD, pos_R, attention):
+  """Pre-norm block; attention(q_Rx1xNxH, kv) -> (ctx_Rx1xNxH, caches) does the cache work."""
+  a, dt = blk.attn, x_Rx1xD.dtype
+  r = x_Rx1xD.shape[0]
+  h_Rx1xD = blk.attn_norm(x_Rx1xD)
+  q_Rx1xNxH = apply_rope(dense(h_Rx1xD, a.wq[...], dt), pos_R[:, None], a.rope_theta)
+  ctx_Rx1xNxH, caches = attention(q_Rx1xNxH, a.project_kv(h_Rx1xD, pos_R[:, None]))
+  n, hd = ctx_Rx1xNxH.shape[2:]
+  x_Rx1xD = x_Rx1xD + dense(ctx_Rx1xNxH.reshape(r, 1, n * hd), a.wo[...].reshape(n * hd, -1),
+                            dt)
+  out = blk.mlp(blk.mlp_norm(x_Rx1xD))
+  return x_Rx1xD + (out[0] if isinstance(out, tuple) else out), caches
 
 
-def _block_rows(eng, model, b, x_Rx1xD, pos_R, st: Store, rows_R, seg_R, write_R):
-  """Block b for one token per row against that row's segment; writes the valid keys back.
+def _attend_rows(q_Rx1xNxH, kv: KV, pos_R, st: Store, rows_R, write_R):
+  """Writes the rows' new keys (where write_R), then attends over those rows' caches.
 
-  rows_R None: every slot in order, single segment (the store is attended in place).
-  """
-  s = st.pos_SxT.shape[0]
-  single = rows_R is None and seg_R is None
-  rows = jnp.arange(s, dtype=jnp.int32) if rows_R is None else rows_R
-  view = _view(eng, st, rows, seg_R, single)
-  size_R = (jnp.full(rows.shape, st.pos_SxT.shape[1], jnp.int32) if seg_R is None else
-            jnp.asarray(eng.seg_sizes, jnp.int32)[seg_R])
-  write_R = write_R & (view.length_B < size_R)   # a full segment drops, like kv_cache.write
-  y, new_view, kv, _ = model.blocks[b](x_Rx1xD, pos_R[:, None], cache=view,
-                                       valid_BxS=write_R[:, None])
-  if single:
-    return y, Store(new_view.k_BxTxKxH, new_view.v_BxTxKxH, new_view.pos_BxT,
-                    new_view.length_B[:, None])
-  seg = jnp.zeros_like(rows) if seg_R is None else seg_R
-  off = 0 if seg_R is None else jnp.asarray(eng.seg_offsets, jnp.int32)[seg]
-  r = jnp.where(write_R, rows, s)                # unwritten rows drop out of the scatter
-  t = off + view.length_B
-  dt = st.k_SxTxKxH.dtype
-  return y, Store(st.k_SxTxKxH.at[r, t].set(kv.k_BxTxKxH[:, 0].astype(dt), mode="drop"),
-                  st.v_SxTxKxH.at[r, t].set(kv.v_BxTxKxH[:, 0].astype(dt), mode="drop"),
-                  st.pos_SxT.at[r, t].set(pos_R, mode="drop"),
-                  st.length_SxG.at[r, seg].add(1, mode="drop"))
-
-
-def _block_all_slots(eng, model, b, x_Sx1xD, pos_S, st: Store, seg_S, write_S):
-  """Block b for every slot against its own segment, attending over the store in place.
-
-  Other segments are hidden by position -1 in the attention's view, so no keys
-  are copied; a slot writes at its segment's next free entry.
+  rows_R None: every slot in order, attending over the store without a gather.
   """
   s, t = st.pos_SxT.shape
-  rows_S = jnp.arange(s, dtype=jnp.int32)
-  seg_of_T = jnp.asarray(np.repeat(np.arange(len(eng.seg_sizes)), eng.seg_sizes), jnp.int32)
-  off_S = jnp.asarray(eng.seg_offsets, jnp.int32)[seg_S]
-  len_S = st.length_SxG[rows_S, seg_S]
-  write_S = write_S & (len_S < jnp.asarray(eng.seg_sizes, jnp.int32)[seg_S])
-  view = kv_cache.KVCache(st.k_SxTxKxH, st.v_SxTxKxH,
-                          jnp.where(seg_of_T[None] == seg_S[:, None], st.pos_SxT, -1),
-                          off_S + len_S)
-  y, new, _, _ = model.blocks[b](x_Sx1xD, pos_S[:, None], cache=view,
-                                 valid_BxS=write_S[:, None])
-  r_S = jnp.where(write_S, rows_S, s)
-  return y, Store(new.k_BxTxKxH, new.v_BxTxKxH,
-                  st.pos_SxT.at[r_S, off_S + len_S].set(pos_S, mode="drop"),
-                  st.length_SxG.at[r_S, seg_S].add(1, mode="drop"))
+  rows = jnp.arange(s, dtype=jnp.int32) if rows_R is None else rows_R
+  len_R = st.length_SxG[rows, 0]
+  write_R = write_R & (len_R < t)                 # a full cache drops, like kv_cache.write
+  r_R = jnp.where(write_R, rows, s)               # unwritten rows drop out of the scatter
+  dt = st.k_SxTxKxH.dtype
+  st = Store(st.k_SxTxKxH.at[r_R, len_R].set(kv.k_BxTxKxH[:, 0].astype(dt), mode="drop"),
+             st.v_SxTxKxH.at[r_R, len_R].set(kv.v_BxTxKxH[:, 0].astype(dt), mode="drop"),
+             st.pos_SxT.at[r_R, len_R].set(pos_R, mode="drop"),
+             st.length_SxG.at[r_R, 0].add(1, mode="drop"))
+  view = KV(st.k_SxTxKxH, st.v_SxTxKxH, st.pos_SxT)
+  if rows_R is not None:
+    view = KV(*(x[rows_R] for x in view))
+  return attend(q_Rx1xNxH, view, pos_R[:, None]), st
 
 
-def _reset_rows(st: Store, rows_R) -> Store:
+def _depth_groups(eng, run_S, d_S):
+  """Per depth, the first k_r slots running at that depth: (rows_k, ok_k) pairs.
+
+  Static group sizes keep shapes fixed while each slot reads only its own
+  depth's cache; a slot beyond its depth's k_r waits a step (it is not run).
+  """
+  groups = []
+  for r, k in enumerate(eng.depth_rows):
+    sel_S = run_S & (d_S == r)
+    rows_k = jnp.argsort(~sel_S, stable=True)[:k].astype(jnp.int32)
+    groups.append((rows_k, sel_S[rows_k]))
+  return groups
+
+
+def _unit_block(blk, x_Sx1xD, pos_S, stores: list, groups, write_S):
+  """One unit block for all slots: projections and MLP once, attention per depth group.
+
+  groups None: one cache for every slot (KV sharing, or a single recursion).
+  """
+  def attention(q_Sx1xNxH, kv):
+    if groups is None:
+      ctx, st = _attend_rows(q_Sx1xNxH, kv, pos_S, stores[0], None, write_S)
+      return ctx, [st]
+    s = q_Sx1xNxH.shape[0]
+    ctx_Sx1xNxH, new = jnp.zeros_like(q_Sx1xNxH), []
+    for st, (rows_k, ok_k) in zip(stores, groups):
+      kv_k = KV(*(x[rows_k] for x in kv))
+      ctx_k, st = _attend_rows(q_Sx1xNxH[rows_k], kv_k, pos_S[rows_k], st, rows_k,
+                               ok_k & write_S[rows_k])
+      ctx_Sx1xNxH = ctx_Sx1xNxH.at[jnp.where(ok_k, rows_k, s)].set(ctx_k, mode="drop")
+      new.append(st)
+    return ctx_Sx1xNxH, new
+
+  return _block(blk, x_Sx1xD, pos_S, attention)
+
+
+def _reset_rows(stores, rows_R):
   """Empties the given rows (dropped indices are ignored): a new request takes the slot."""
-  return st._replace(pos_SxT=st.pos_SxT.at[rows_R].set(-1, mode="drop"),
-                     length_SxG=st.length_SxG.at[rows_R].set(0, mode="drop"))
+  reset = lambda st: st._replace(pos_SxT=st.pos_SxT.at[rows_R].set(-1, mode="drop"),
+                                 length_SxG=st.length_SxG.at[rows_R].set(0, mode="drop"))
+  return jax.tree.map(reset, stores, is_leaf=lambda x: isinstance(x, Store))
 
 
 # ---------------------------------------------------------------------------
@@ -342,9 +354,11 @@ def _decide(eng: Engine, model, d_R, limit_R, h_RxD):
   return go_R, pick(gates)
 
 
-def _forced_limit(eng: Engine, pos_R):
+def _forced_limit(eng: Engine, pos_R, req_R):
+  """Depth schedule[(pos + request) % period]: exact fractions per sequence, and requests
+  out of phase, so slots do not all exit in the same step."""
   sched = jnp.asarray(eng.forced, jnp.int32)
-  return sched[pos_R % len(eng.forced)]
+  return sched[(pos_R + jnp.maximum(req_R, 0)) % len(eng.forced)]
 
 
 def _io(eng: Engine, model, st: EngineState) -> EngineState:
@@ -369,7 +383,8 @@ def _io(eng: Engine, model, st: EngineState) -> EngineState:
   x = x_ExD[:, None]
   suffix = list(st.suffix)
   for i, b in enumerate(eng.plan.suffix):
-    x, suffix[i] = _block_rows(eng, model, b, x, pos_E, suffix[i], rows_E, None, exiting_E)
+    x, suffix[i] = _block(model.blocks[b], x, pos_E, functools.partial(
+        _attend_rows, pos_R=pos_E, st=suffix[i], rows_R=rows_E, write_R=exiting_E))
   key, sub = jax.random.split(st.key)
   sampled_E = sample(model.logits(x)[:, 0], sub, eng.temperature, eng.top_k)
 
@@ -395,14 +410,13 @@ def _io(eng: Engine, model, st: EngineState) -> EngineState:
 
   # A new request starts from empty caches.
   reset = jnp.where(admit_E, rows_E, s)
-  prefix = [_reset_rows(c, reset) for c in st.prefix]
-  unit = [_reset_rows(c, reset) for c in st.unit]
-  suffix = [_reset_rows(c, reset) for c in suffix]
+  prefix, unit, suffix = _reset_rows((list(st.prefix), list(st.unit), suffix), reset)
 
   # Enter: embedding, prefix, the decision for recursion 1.
   x = model.embed_tokens(tok_E[:, None])
   for i, b in enumerate(eng.plan.prefix):
-    x, prefix[i] = _block_rows(eng, model, b, x, pos_E, prefix[i], rows_E, None, enter_E)
+    x, prefix[i] = _block(model.blocks[b], x, pos_E, functools.partial(
+        _attend_rows, pos_R=pos_E, st=prefix[i], rows_R=rows_E, write_R=enter_E))
   h_ExD = x[:, 0]
   limit_E = jnp.full((e,), eng.n, jnp.int32)
   gate_E = jnp.zeros((e,), jnp.float32)
@@ -410,7 +424,7 @@ def _io(eng: Engine, model, st: EngineState) -> EngineState:
     tc = model.router(x)
     limit_E, gate_E = tc.depth_BxS[:, 0], tc.gate_BxS[:, 0]
   if eng.forced is not None:
-    limit_E = jnp.minimum(_forced_limit(eng, pos_E), eng.n)
+    limit_E = jnp.minimum(_forced_limit(eng, pos_E, req_E), eng.n)
   depth_E = jnp.zeros((e,), jnp.int32)
   go_E, ec_gate_E = _decide(eng, model, depth_E, limit_E, h_ExD)
   if ec_gate_E is not None:
@@ -443,15 +457,19 @@ def _unit_pass(eng: Engine, model, st: EngineState) -> EngineState:
   sl = st.slots
   run_S = sl.stage_S == RECUR
   d_S = sl.depth_S
-  write_S = run_S & (d_S == 0) if eng.share else run_S
-  seg_S = None if len(eng.seg_sizes) == 1 else d_S   # one segment: attended in place
   x = sl.h_SxD[:, None]
   unit = list(st.unit)
+  groups = None
+  if len(eng.seg_sizes) == 1:   # KV sharing (written at depth 1 only) or one recursion
+    write_S = run_S & (d_S == 0) if eng.share else run_S
+  else:
+    groups = _depth_groups(eng, run_S, d_S)
+    run_S = jnp.zeros_like(run_S)
+    for rows_k, ok_k in groups:
+      run_S = run_S.at[rows_k].max(ok_k)
+    write_S = run_S
   for j, b in enumerate(eng.plan.unit):
-    if seg_S is not None and eng.unit_attention == "masked":
-      x, unit[j] = _block_all_slots(eng, model, b, x, sl.pos_S, unit[j], seg_S, write_S)
-    else:
-      x, unit[j] = _block_rows(eng, model, b, x, sl.pos_S, unit[j], None, seg_S, write_S)
+    x, unit[j] = _unit_block(model.blocks[b], x, sl.pos_S, unit[j], groups, write_S)
   out_SxD = x[:, 0]
   upd_S = run_S & sl.upd_S
   if eng.kind == "ec":

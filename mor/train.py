@@ -247,7 +247,7 @@ def run(cfg: Config, workdir: str, data=None) -> dict:
 
   `data` defaults to `mor.data.make_data(cfg.data, ...)` for this process.
   """
-  from mor import checkpoint, data as data_lib, metrics as metrics_lib
+  from mor import checkpoint, data as data_lib, metrics as metrics_lib, uptrain
   os.makedirs(workdir, exist_ok=True)
   cfg_dict = config_lib.to_dict(cfg)
   if data is None:
@@ -258,7 +258,7 @@ def run(cfg: Config, workdir: str, data=None) -> dict:
   shapes = jax.eval_shape(s.init, jax.random.key(0))
   restored = checkpoint.restore_latest(mngr, shapes, s.state_shardings, cfg_dict)
   if restored is None:
-    state = init_state(s)
+    state = uptrain.maybe_init_from_source(cfg, init_state(s), s)
   else:
     state, meta = restored
     data.train.set_state(meta["data"])

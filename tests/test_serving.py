@@ -67,8 +67,9 @@ def test_forced_depths_and_reduced_caches():
   sched = (3, 2, 1, 1)
   got, eng = serve(model, reqs, forced_depths=sched, slots="capacity")
   assert [len(g) for g in got] == [n for _, n in reqs]
-  # Every processed token at position p ran exactly sched[p % 4] recursions.
-  want_rows = sum(sched[t % 4] for p, n in reqs for t in range(len(p) + n - 1))
+  # Token p of request i ran exactly sched[(p + i) % 4] recursions.
+  want_rows = sum(sched[(t + i) % 4] for i, (p, n) in enumerate(reqs)
+                  for t in range(len(p) + n - 1))
   assert eng.stats["unit_rows"] == want_rows
   per_depth = eng.kv_bytes()["per_depth"]
   assert per_depth[0] > per_depth[1] > per_depth[2]

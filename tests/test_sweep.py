@@ -62,5 +62,5 @@ def test_reproduce_sweep_has_the_papers_rows():
   assert len({r.cfg.train.flop_budget for r in runs}) == 1
   per_token = {r.name: train.num_steps(r.cfg)[1] for r in runs}
   assert abs(per_token["moe"] / per_token["vanilla"] - 1) < 0.01   # matched FLOPs
-  plan = sweep.plan(sweep.reproduce_sweep("360m"))
+  plan = sweep.plan(sweep.variant_sweep(["vanilla"], "360m"))
   assert plan[0]["unique_params"] > 3e8 and plan[0]["N_r"] == 1

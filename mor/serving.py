@@ -55,9 +55,13 @@ IDLE, RECUR, EXIT = 0, 1, 2   # slot stages: free / next runs the unit / waits f
 
 
 class Store(NamedTuple):
-  """KV storage of one block for all slots; G segments (depths) along the slot axis T."""
-  k_SxTxKxH: jax.Array
-  v_SxTxKxH: jax.Array
+  """KV storage of one block for all slots; G segments (depths) along the entry axis T.
+
+  Keys are [slots, K, T, H], the layout attention's matmuls read without a
+  transpose (a [B, T, K, H] cache is transposed, i.e. copied, at every step).
+  """
+  k_SxKxTxH: jax.Array
+  v_SxKxTxH: jax.Array
   pos_SxT: jax.Array
   length_SxG: jax.Array     # filled entries per segment
 
@@ -103,9 +107,6 @@ class Engine:
   num_slots: sequences in flight; max_len: positions per sequence (prompt + new).
   exit_rows: rows of the IO batch per step (suffix, head, prefix); a throughput
     knob that never changes outputs. Default: slots / expected depth, +25%.
-  depth_rows: per depth, the most slots whose attention runs at that depth in one
-    step (static group sizes; a slot over it waits a step). Default: the
-    expected share of slots at each depth, +25%. Also a throughput knob only.
   slots: per-depth cache sizes (None, 'capacity' or fractions; see depth_slots).
   forced_depths: a periodic per-position depth schedule that replaces the routers'
     decisions (gates still come from the routers); for benchmarks.
@@ -114,8 +115,7 @@ class Engine:
   """
 
   def __init__(self, model: nnx.Module, num_slots: int, max_len: int, *,
-               exit_rows: int | None = None, depth_rows: Sequence[int] | None = None,
-               slots=None,
+               exit_rows: int | None = None, slots=None,
                forced_depths: Sequence[int] | None = None, temperature: float = 0.0,
                top_k: int = 0, seed: int = 0, mesh=None, steps_per_call: int = 64,
                compiler_options: dict | None = None):
@@ -139,12 +139,6 @@ class Engine:
         mean_depth = float(np.mean(self.forced))
       exit_rows = math.ceil(1.25 * num_slots / max(mean_depth, 1.0))
     self.exit_rows = max(1, min(num_slots, exit_rows))
-    if depth_rows is None:  # expected share of unit rows at each depth, +25%
-      reach = np.asarray([float(np.mean(np.asarray(self.forced) > r)) for r in range(self.n)]
-                         if self.forced else [1.0] * self.n if self.kind == "fixed"
-                         else [min(1.0, f) for f in _fractions(model)])
-      depth_rows = [math.ceil(1.25 * num_slots * c / reach.sum()) + 1 for c in reach]
-    self.depth_rows = [max(1, min(num_slots, int(k))) for k in depth_rows][:len(self.seg_sizes)]
     self.temperature, self.top_k = float(temperature), int(top_k)
     self.mesh, self.steps_per_call = mesh, steps_per_call
     self.compiler_options = compiler_options
@@ -171,9 +165,22 @@ class Engine:
 
   def run(self) -> dict[int, np.ndarray]:
     """Serves every queued request; returns {id: generated tokens}."""
+    reqs = list(self._requests)
+    st = self.start()
+    if st is None:
+      return {}
+    done = False
+    while not done:
+      st, done = self.advance(st)
+    out = np.asarray(st.queue.out_RxG)
+    self.key = st.key
+    return {rid: out[i, :n] for i, (rid, _, n) in enumerate(reqs)}
+
+  def start(self) -> EngineState | None:
+    """Moves the queued requests onto the device: the state `advance` steps (None if none)."""
     reqs, self._requests = self._requests, []
     if not reqs:
-      return {}
+      return None
     r = _bucket(len(reqs))
     p = _bucket(max(len(x[1]) for x in reqs))
     g = _bucket(max(x[2] for x in reqs))
@@ -184,20 +191,17 @@ class Engine:
       prompts[i, :len(prompt)], plen[i], max_new[i] = prompt, len(prompt), n
     queue = Queue(jnp.asarray(prompts), jnp.asarray(plen), jnp.asarray(max_new),
                   jnp.zeros((r, g), jnp.int32), jnp.int32(0), jnp.int32(len(reqs)))
-    st = self._put(self.init_state(queue))
-    run_chunk = self._chunk_fn()
-    while True:
-      st, done = run_chunk(self.params, st)
-      if bool(done):
-        break
-    out = np.asarray(st.queue.out_RxG)
+    return self._put(self.init_state(queue))
+
+  def advance(self, st: EngineState) -> tuple[EngineState, bool]:
+    """Up to steps_per_call engine steps (one device call); returns (state, all served)."""
+    st, done = self._chunk_fn()(self.params, st)
     c = np.asarray(st.counters)
     self.stats = {"steps": int(c[0]), "unit_rows": int(c[1]),
                   "unit_row_utilisation": c[1] / max(1, c[0] * self.num_slots),
                   "io_row_utilisation": c[2] / max(1, c[0] * self.exit_rows),
                   "tokens_processed": int(c[3])}
-    self.key = st.key
-    return {rid: out[i, :n] for i, (rid, _, n) in enumerate(reqs)}
+    return st, bool(done)
 
   def kv_bytes(self) -> dict:
     """Allocated KV bytes: per depth of the unit (summed over its blocks) and in total."""
@@ -214,17 +218,19 @@ class Engine:
     c, s = self.cfg, self.num_slots
     dt = compute_dtype(c)
 
-    def store(t: int) -> Store:
-      z = jnp.zeros((s, t, c.num_kv_heads, c.dh), dt)
-      return Store(z, z, jnp.full((s, t), -1, jnp.int32), jnp.zeros((s, 1), jnp.int32))
+    def store(segments: Sequence[int]) -> Store:
+      t = sum(segments)
+      z = jnp.zeros((s, c.num_kv_heads, t, c.dh), dt)
+      return Store(z, z, jnp.full((s, t), -1, jnp.int32),
+                   jnp.zeros((s, len(segments)), jnp.int32))
 
     zi = jnp.zeros((s,), jnp.int32)
     zd = jnp.zeros((s, c.d_model), dt)
     slots = Slots(jnp.full((s,), -1, jnp.int32), zi, zi, zi, zi, zi, zi,
                   jnp.zeros((s,), bool), jnp.zeros((s,), jnp.float32), zd, zd)
-    return EngineState(slots, [store(self.max_len) for _ in self.plan.prefix],
-                       [[store(t) for t in self.seg_sizes] for _ in self.plan.unit],
-                       [store(self.max_len) for _ in self.plan.suffix], queue, self.key,
+    return EngineState(slots, [store([self.max_len]) for _ in self.plan.prefix],
+                       [store(self.seg_sizes) for _ in self.plan.unit],
+                       [store([self.max_len]) for _ in self.plan.suffix], queue, self.key,
                        jnp.zeros((4,), jnp.int32))
 
   def _put(self, st: EngineState) -> EngineState:
@@ -243,10 +249,6 @@ class Engine:
       self._compiled["chunk"] = jax.jit(functools.partial(_run_chunk, self),
                                         compiler_options=self.compiler_options)
     return self._compiled["chunk"]
-
-  def step_fn(self):
-    """jit(params, state) -> state of one engine step (for benchmarks and inspection)."""
-    return jax.jit(lambda params, st: _step(self, nnx.merge(self.graphdef, params), st))
 
 
 def _bucket(n: int) -> int:
@@ -276,61 +278,40 @@ def _block(blk, x_Rx1xD, pos_R, attention):
   return x_Rx1xD + (out[0] if isinstance(out, tuple) else out), caches
 
 
-def _attend_rows(q_Rx1xNxH, kv: KV, pos_R, st: Store, rows_R, write_R):
+def _attend_rows(q_Rx1xNxH, kv: KV, pos_R, st: Store, rows_R, write_R, seg=None):
   """Writes the rows' new keys (where write_R), then attends over those rows' caches.
 
-  rows_R None: every slot in order, attending over the store without a gather.
+  rows_R None: every slot in order. seg (eng, d_S): the store holds one segment
+  per depth and each slot reads only its depth's segment (a view padded to T_1).
   """
-  s, t = st.pos_SxT.shape
+  s, _, t, _ = st.k_SxKxTxH.shape
   rows = jnp.arange(s, dtype=jnp.int32) if rows_R is None else rows_R
-  len_R = st.length_SxG[rows, 0]
-  write_R = write_R & (len_R < t)                 # a full cache drops, like kv_cache.write
-  r_R = jnp.where(write_R, rows, s)               # unwritten rows drop out of the scatter
-  dt = st.k_SxTxKxH.dtype
-  st = Store(st.k_SxTxKxH.at[r_R, len_R].set(kv.k_BxTxKxH[:, 0].astype(dt), mode="drop"),
-             st.v_SxTxKxH.at[r_R, len_R].set(kv.v_BxTxKxH[:, 0].astype(dt), mode="drop"),
-             st.pos_SxT.at[r_R, len_R].set(pos_R, mode="drop"),
-             st.length_SxG.at[r_R, 0].add(1, mode="drop"))
-  view = KV(st.k_SxTxKxH, st.v_SxTxKxH, st.pos_SxT)
-  if rows_R is not None:
-    view = KV(*(x[rows_R] for x in view))
+  off_R, size_R, col_R = jnp.zeros_like(rows), jnp.full_like(rows, t), jnp.zeros_like(rows)
+  if seg is not None:
+    eng, col_R = seg
+    off_R = jnp.asarray(eng.seg_offsets, jnp.int32)[col_R]
+    size_R = jnp.asarray(eng.seg_sizes, jnp.int32)[col_R]
+  len_R = st.length_SxG[rows, col_R]
+  write_R = write_R & (len_R < size_R)           # a full segment drops, like kv_cache.write
+  r_R, t_R = jnp.where(write_R, rows, s), off_R + len_R   # unwritten rows drop out
+  dt = st.k_SxKxTxH.dtype
+  st = Store(st.k_SxKxTxH.at[r_R, :, t_R].set(kv.k_BxTxKxH[:, 0].astype(dt), mode="drop"),
+             st.v_SxKxTxH.at[r_R, :, t_R].set(kv.v_BxTxKxH[:, 0].astype(dt), mode="drop"),
+             st.pos_SxT.at[r_R, t_R].set(pos_R, mode="drop"),
+             st.length_SxG.at[r_R, col_R].add(1, mode="drop"))
+  k, v, pos = st.k_SxKxTxH, st.v_SxKxTxH, st.pos_SxT
+  if seg is not None:   # each row's own segment, padded to the longest; the rest hidden
+    t_1xV = jnp.arange(max(eng.seg_sizes), dtype=jnp.int32)[None]
+    idx_RxV = jnp.minimum(off_R[:, None] + t_1xV, t - 1)
+    take = lambda x, i: jnp.take_along_axis(x if rows_R is None else x[rows_R], i, axis=2,
+                                            mode="promise_in_bounds")   # indices are clipped
+    k, v = take(k, idx_RxV[:, None, :, None]), take(v, idx_RxV[:, None, :, None])
+    pos = jnp.where(t_1xV < size_R[:, None], take(pos[:, None], idx_RxV[:, None])[:, 0], -1)
+  elif rows_R is not None:
+    k, v, pos = k[rows_R], v[rows_R], pos[rows_R]
+  # attend() wants [R, T, K, H]; its einsum transposes back, and XLA cancels the pair.
+  view = KV(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), pos)
   return attend(q_Rx1xNxH, view, pos_R[:, None]), st
-
-
-def _depth_groups(eng, run_S, d_S):
-  """Per depth, the first k_r slots running at that depth: (rows_k, ok_k) pairs.
-
-  Static group sizes keep shapes fixed while each slot reads only its own
-  depth's cache; a slot beyond its depth's k_r waits a step (it is not run).
-  """
-  groups = []
-  for r, k in enumerate(eng.depth_rows):
-    sel_S = run_S & (d_S == r)
-    rows_k = jnp.argsort(~sel_S, stable=True)[:k].astype(jnp.int32)
-    groups.append((rows_k, sel_S[rows_k]))
-  return groups
-
-
-def _unit_block(blk, x_Sx1xD, pos_S, stores: list, groups, write_S):
-  """One unit block for all slots: projections and MLP once, attention per depth group.
-
-  groups None: one cache for every slot (KV sharing, or a single recursion).
-  """
-  def attention(q_Sx1xNxH, kv):
-    if groups is None:
-      ctx, st = _attend_rows(q_Sx1xNxH, kv, pos_S, stores[0], None, write_S)
-      return ctx, [st]
-    s = q_Sx1xNxH.shape[0]
-    ctx_Sx1xNxH, new = jnp.zeros_like(q_Sx1xNxH), []
-    for st, (rows_k, ok_k) in zip(stores, groups):
-      kv_k = KV(*(x[rows_k] for x in kv))
-      ctx_k, st = _attend_rows(q_Sx1xNxH[rows_k], kv_k, pos_S[rows_k], st, rows_k,
-                               ok_k & write_S[rows_k])
-      ctx_Sx1xNxH = ctx_Sx1xNxH.at[jnp.where(ok_k, rows_k, s)].set(ctx_k, mode="drop")
-      new.append(st)
-    return ctx_Sx1xNxH, new
-
-  return _block(blk, x_Sx1xD, pos_S, attention)
 
 
 def _reset_rows(stores, rows_R):
@@ -459,17 +440,13 @@ def _unit_pass(eng: Engine, model, st: EngineState) -> EngineState:
   d_S = sl.depth_S
   x = sl.h_SxD[:, None]
   unit = list(st.unit)
-  groups = None
-  if len(eng.seg_sizes) == 1:   # KV sharing (written at depth 1 only) or one recursion
-    write_S = run_S & (d_S == 0) if eng.share else run_S
+  if eng.share:   # one cache, written at depth 1 only, read by every depth
+    write_S, seg = run_S & (d_S == 0), None
   else:
-    groups = _depth_groups(eng, run_S, d_S)
-    run_S = jnp.zeros_like(run_S)
-    for rows_k, ok_k in groups:
-      run_S = run_S.at[rows_k].max(ok_k)
-    write_S = run_S
+    write_S, seg = run_S, ((eng, d_S) if len(eng.seg_sizes) > 1 else None)
   for j, b in enumerate(eng.plan.unit):
-    x, unit[j] = _unit_block(model.blocks[b], x, sl.pos_S, unit[j], groups, write_S)
+    x, unit[j] = _block(model.blocks[b], x, sl.pos_S, functools.partial(
+        _attend_rows, pos_R=sl.pos_S, st=unit[j], rows_R=None, write_R=write_S, seg=seg))
   out_SxD = x[:, 0]
   upd_S = run_S & sl.upd_S
   if eng.kind == "ec":

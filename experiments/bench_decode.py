@@ -43,7 +43,7 @@ def parse():
   p.add_argument("--max_len", type=int, default=128, help="cache length (prompt + new)")
   p.add_argument("--recursions", default="2,3,4")
   p.add_argument("--steps", type=int, default=24, help="vanilla decoding steps per round")
-  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--rounds", type=int, default=8)
   p.add_argument("--no_vanilla_engine", action="store_true")
   return p.parse_args()
 

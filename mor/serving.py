@@ -1,35 +1,36 @@
 """Continuous depth-wise batching: a serving engine for MoR (and recursive/vanilla) models.
 
 A fixed number of slots each hold one request; a slot's state is the token it
-is processing, that token's hidden state and the recursion depth it has
-reached. One engine step (static shapes throughout) is
+is processing, that token's hidden state and the recursions it has had. One
+engine step (static shapes throughout) is
   1. IO: up to `exit_rows` slots whose token is done (router said stop, or
-     N_r reached) are gathered into one small batch: suffix blocks, final
-     norm, LM head, sampling. The slot then takes its next token (the next
-     prompt token while prefilling, else the sample) or, when its request is
-     finished, the next request of the FIFO queue (caches reset); the new
-     token goes through the embedding and prefix blocks in the same batch,
-     and the router decides its first recursion.
-  2. Unit: the shared unit runs ONCE over all slots, each at its own depth:
-     slot i attends over its own depth-d_i cache (gathered per slot) at its
-     own position, and writes its new key there. Routers of every depth are
-     evaluated and each slot takes its own depth's decision and gate.
-So a token of depth d costs d unit rows plus one IO row, and an exited
-token's unit row is refilled by another sequence at once. Prompts are
-prefilled token by token through the same step (exact, simple; a prompt
+     N_r reached) form one small batch: suffix blocks, final norm, LM head,
+     sampling. The slot then takes its next token (the next prompt token while
+     prefilling, else the sample) or, when its request is finished, the next
+     request of the FIFO queue (caches reset); the new token goes through the
+     embedding and prefix blocks in the same batch, and the router decides
+     its first recursion.
+  2. Unit: the shared unit runs ONCE over all slots, each at its own depth and
+     position: slot i writes its new key into, and attends over, its own
+     depth-d_i cache. Routers of every depth are evaluated and each slot takes
+     its own depth's decision and gate.
+A token of depth d costs d unit rows and one IO row, and a slot whose token
+exits is refilled at once, so the unit batch stays full. Prompts are
+prefilled token by token through the same step (exact and simple; a prompt
 token costs what a generated one does).
 
-Cache layout, per unit block: keys/values [slots, T_1 + ... + T_N, K, H], depth
-r in segment [off_r, off_r + T_r); T_r may be smaller than max_len for deeper
-recursions (`slots`, as in `mor_decode.depth_slots`). KV sharing keeps one
-segment, written at depth 1 only. Prefix and suffix blocks: [slots, max_len].
-Attention masks by positions (`mor.layers.attention`), so a segment of another
-depth, an empty slot or a stale entry (position -1) is never seen.
+Caches (`Store`): keys/values [slots, K, T, H]. A unit block keeps one segment
+per depth, depth r in [off_r, off_r + T_r), with T_r below max_len for deeper
+recursions when `slots` asks for it, so the memory saving is real; KV sharing
+keeps one segment, written at depth 1 only. A slot reads its depth's segment
+as a view of T_1 entries (the tail hidden by position -1): static shapes,
+but a slot at depth r reads T_1 keys where it needs T_r. Prefix and suffix
+blocks: [slots, K, max_len, H], gathered for the IO rows.
 
-Decisions equal `MoRTransformer.__call__(..., caches=...)` (mor_decode), so
-greedy outputs equal per-request `mor.decode.generate`. The whole queue lives
-on the device; `run` advances `steps_per_call` engine steps per host call
-under `lax.while_loop`. With a mesh the slot axis is sharded over `data`.
+Decisions are those of `MoRTransformer.__call__(..., caches=...)`
+(mor_decode), so greedy outputs equal per-request `mor.decode.generate`. The
+queue lives on the device; `advance` runs `steps_per_call` steps per host
+call under `lax.while_loop`. With a mesh the slot axis is sharded over `data`.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mor import kv_cache
+from mor import routers as R
 from mor.decode import sample
 from mor.layers import dense
 from mor.layers.attention import KV, attend
@@ -57,8 +58,8 @@ IDLE, RECUR, EXIT = 0, 1, 2   # slot stages: free / next runs the unit / waits f
 class Store(NamedTuple):
   """KV storage of one block for all slots; G segments (depths) along the entry axis T.
 
-  Keys are [slots, K, T, H], the layout attention's matmuls read without a
-  transpose (a [B, T, K, H] cache is transposed, i.e. copied, at every step).
+  [slots, K, T, H] is the layout attention's matmuls read without a transpose
+  (a [B, T, K, H] cache is transposed, i.e. copied, at every step on CPU).
   """
   k_SxKxTxH: jax.Array
   v_SxKxTxH: jax.Array
@@ -132,11 +133,9 @@ class Engine:
     self.seg_sizes = sizes[:1] if self.share else sizes
     self.seg_offsets = [int(x) for x in np.cumsum([0] + self.seg_sizes[:-1])]
     self.forced = None if forced_depths is None else tuple(int(d) for d in forced_depths)
-    if exit_rows is None:
-      mean_depth = self.n if self.kind == "fixed" else sum(
-          min(1.0, f) for f in _fractions(model))
-      if self.forced:
-        mean_depth = float(np.mean(self.forced))
+    if exit_rows is None:   # expected exits per step, +25%
+      mean_depth = (float(np.mean(self.forced)) if self.forced else self.n
+                    if self.kind == "fixed" else sum(R.ec_fractions(cfg)))
       exit_rows = math.ceil(1.25 * num_slots / max(mean_depth, 1.0))
     self.exit_rows = max(1, min(num_slots, exit_rows))
     self.temperature, self.top_k = float(temperature), int(top_k)
@@ -165,13 +164,11 @@ class Engine:
 
   def run(self) -> dict[int, np.ndarray]:
     """Serves every queued request; returns {id: generated tokens}."""
-    reqs = list(self._requests)
-    st = self.start()
+    reqs, st, done = list(self._requests), self.start(), False
+    while st is not None and not done:
+      st, done = self.advance(st)
     if st is None:
       return {}
-    done = False
-    while not done:
-      st, done = self.advance(st)
     out = np.asarray(st.queue.out_RxG)
     self.key = st.key
     return {rid: out[i, :n] for i, (rid, _, n) in enumerate(reqs)}
@@ -184,9 +181,8 @@ class Engine:
     r = _bucket(len(reqs))
     p = _bucket(max(len(x[1]) for x in reqs))
     g = _bucket(max(x[2] for x in reqs))
-    prompts = np.zeros((r, p), np.int32)
-    plen = np.ones((r,), np.int32)
-    max_new = np.zeros((r,), np.int32)
+    prompts, plen, max_new = np.zeros((r, p), np.int32), np.ones(r, np.int32), np.zeros(
+        r, np.int32)
     for i, (_, prompt, n) in enumerate(reqs):
       prompts[i, :len(prompt)], plen[i], max_new[i] = prompt, len(prompt), n
     queue = Queue(jnp.asarray(prompts), jnp.asarray(plen), jnp.asarray(max_new),
@@ -253,11 +249,6 @@ class Engine:
 
 def _bucket(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
-
-
-def _fractions(model) -> list[float]:
-  from mor import routers as R
-  return R.ec_fractions(model.cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -465,10 +456,6 @@ def _unit_pass(eng: Engine, model, st: EngineState) -> EngineState:
   return st._replace(slots=slots, unit=unit, counters=counters)
 
 
-def _step(eng: Engine, model, st: EngineState) -> EngineState:
-  return _unit_pass(eng, model, _io(eng, model, st))
-
-
 def _run_chunk(eng: Engine, params, st: EngineState):
   """Up to eng.steps_per_call engine steps, stopping early once every request is served."""
   model = nnx.merge(eng.graphdef, params)
@@ -478,7 +465,7 @@ def _run_chunk(eng: Engine, params, st: EngineState):
 
   def body(carry):
     i, st = carry
-    return i + 1, _step(eng, model, st)
+    return i + 1, _unit_pass(eng, model, _io(eng, model, st))
 
   _, st = jax.lax.while_loop(lambda c: (c[0] < eng.steps_per_call) & ~done(c[1]), body,
                              (jnp.int32(0), st))

@@ -1,5 +1,4 @@
 """MoR cached decoding against the full-sequence causal forward; generate; test-time depth."""
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -32,6 +32,12 @@ token-choice uses its argmax depth with no capacity drops. It keeps [B, S]
 shapes and masks inactive tokens (position -1 hides their keys): it is the
 reference for decoding, not the training hot path.
 
+Decoding: `init_caches` and `__call__(..., caches=...)` run prefill and
+token-by-token decoding with the same causal decisions and per-depth
+(or shared) KV caches (mor.models.mor_decode); `max_depth` with causal routing
+applies more or fewer recursions than trained (test-time depth scaling; EC
+steps past N_r reuse the last router, TC tokens of depth N_r go on).
+
 Capacity warm-up (EC) and forced full depth (TC) need more slots than the
 static k_r, so with `step` and warmup_steps > 0 the recursions run under
 lax.cond: a full-capacity branch masks the extra slots while step <

@@ -4,10 +4,12 @@ Prints a JSON list of records (model, num_recursions, batch, tokens_per_s, kv_by
 peak_mem_bytes, ratio_to_vanilla, ...) for vanilla Transformers, a plain
 recursive one and MoR expert-choice with N_r = 2, 3, 4, measured in one run.
 
-Plans are the paper's (REFERENCE.md section 1) at a CPU-sized width: N_r = 2 and
-3 use 32 applied layers (1 + 15 x 2 + 1, 1 + 10 x 3 + 1), N_r = 4 uses 34
-(1 + 8 x 4 + 1); each MoR model is compared with a vanilla model of the same
-applied layers. Capacities (N_r - r + 1) / N_r; the untrained routers are
+Plans are the paper's (REFERENCE.md section 1) at a CPU-sized width (default
+d_model 192, 6 heads over 2 KV heads as the paper's 15 over 5, FFN 3 d, vocab
+512, cache length 128): N_r = 2 and 3 use 32 applied layers (1 + 15 x 2 + 1,
+1 + 10 x 3 + 1), N_r = 4 uses 34 (1 + 8 x 4 + 1); each MoR model is compared
+with a vanilla model of the same applied layers. compute_ratio is the ratio of
+applied layers per token, e.g. 34 / (2 + 8 x 2.5) = 1.55 for N_r = 4. Capacities (N_r - r + 1) / N_r; the untrained routers are
 replaced by a deterministic depth schedule with exactly those fractions
 (`Engine(forced_depths=...)`, period N_r, phase shifted per request); the
 routers and gates are still computed. MoR's per-depth caches are allocated at
@@ -35,8 +37,8 @@ import time
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--d_model", type=int, default=128)
-  p.add_argument("--num_heads", type=int, default=4)
+  p.add_argument("--d_model", type=int, default=192)
+  p.add_argument("--num_heads", type=int, default=6)
   p.add_argument("--num_kv_heads", type=int, default=2)
   p.add_argument("--vocab", type=int, default=512)
   p.add_argument("--batch", type=int, default=32)

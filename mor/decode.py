@@ -118,7 +118,13 @@ def depth_forward(model, tokens_BxS: jax.Array, max_depth: int) -> jax.Array:
   b, s = tokens_BxS.shape
   pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   x = model.embed_tokens(tokens_BxS)
-  for blk in plan.prefix + plan.unit * max_depth + plan.suffix:
+  for blk in plan.prefix:
+    x = model.blocks[blk](x, pos_BxS)[0]
+  for r in range(max_depth):  # per-recursion LoRA adapters: deeper steps reuse the last
+    rec = min(r, plan.num_recursions - 1) if model.cfg.lora_rank else None
+    for blk in plan.unit:
+      x = model.blocks[blk](x, pos_BxS, recursion=rec)[0]
+  for blk in plan.suffix:
     x = model.blocks[blk](x, pos_BxS)[0]
   return model.logits(x)
 

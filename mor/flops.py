@@ -18,7 +18,9 @@ reported per token:
   k_r queries attend over the first recursion's keys of all S tokens and later
   steps skip K/V projections; routers are counted;
 - MoE: model FLOPs count the top-k active experts per token; hardware FLOPs
-  count every capacity slot (padding included) of the capacity-based path.
+  count every capacity slot (padding included) of the capacity-based path;
+- LoRA relaxation: 2 * rank * (d_in + d_out) per adapted projection per token
+  on every application of a shared block (reported in the `router` column).
 """
 from __future__ import annotations
 
@@ -88,9 +90,15 @@ def layer_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, hardware: b
       return _moe_mlp(cfg, hardware, s, batch)
     return None
 
+  from mor.layers import lora
+  # per-recursion LoRA adapters ride on the shared unit's projections (counted as router-like
+  # extras so the projection/MLP columns stay those of the base weights)
+  adapters = lora.flops_per_token(cfg) if cfg.kind in ("recursive", "mor") else 0.0
   if cfg.kind != "mor":
     for j, b in enumerate(plan.applied):
-      layers.append(_layer(cfg, f"layer{j}", s, s, causal, mlp_flops_per_token=mlp_for(b)))
+      extra = s * adapters if b in plan.unit else 0.0
+      layers.append(_layer(cfg, f"layer{j}", s, s, causal, mlp_flops_per_token=mlp_for(b),
+                           router=extra))
   else:
     from mor.routers import capacities
     caps = capacities(cfg, s)
@@ -108,7 +116,7 @@ def layer_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, hardware: b
           active_before = s if r == 0 else caps[r - 1]
           router = active_before * _ec_router_flops(cfg)
         layers.append(_layer(cfg, f"rec{r}.block{b}", k, keys, causal,
-                             project_kv=not (share and r > 0), router=router))
+                             project_kv=not (share and r > 0), router=router + k * adapters))
     for b in plan.suffix:
       layers.append(_layer(cfg, f"suffix{b}", s, s, causal))
   layers.append(LayerFlops("lm_head", s, 0.0, 0.0, s * 2 * cfg.d_model * cfg.vocab_size))

@@ -20,12 +20,14 @@ prefilled token by token through the same step (exact and simple; a prompt
 token costs what a generated one does).
 
 Caches (`Store`): keys/values [slots, K, T, H]. A unit block keeps one segment
-per depth, depth r in [off_r, off_r + T_r), with T_r below max_len for deeper
-recursions when `slots` asks for it, so the memory saving is real; KV sharing
-keeps one segment, written at depth 1 only. A slot reads its depth's segment
-as a view of T_1 entries (the tail hidden by position -1): static shapes,
-but a slot at depth r reads T_1 keys where it needs T_r. Prefix and suffix
-blocks: [slots, K, max_len, H], gathered for the IO rows.
+per depth (deepest first), depth r in [off_r, off_r + T_r), with T_r below
+max_len for deeper recursions when `slots` asks for it, so the memory saving is
+real; KV sharing keeps one segment, written at depth 1 only. A slot reads its
+depth's segment as a contiguous T_1-long window (the tail hidden by position
+-1): static shapes, at the price of a copy per block and of reading T_1 keys
+where T_r would do. Prefix and suffix blocks: [slots, K, max_len, H], gathered
+for the IO rows. Each new key is written before the rows are read, which lets
+XLA update the caches in place.
 
 Decisions are those of `MoRTransformer.__call__(..., caches=...)`
 (mor_decode), so greedy outputs equal per-request `mor.decode.generate`. The
@@ -123,6 +125,8 @@ class Engine:
     cfg, plan = model.cfg, model.plan
     if not plan.cycle:
       raise ValueError("depth-wise batching needs a cycle or middle_cycle plan")
+    if getattr(cfg, "lora_rank", 0):  # one batched unit call would need per-slot adapters
+      raise NotImplementedError("the engine does not serve per-recursion LoRA models")
     self.cfg, self.plan = cfg, plan
     self.kind = ("fixed" if cfg.kind != "mor" else
                  "ec" if cfg.router.routing == "expert_choice" else "tc")
@@ -131,7 +135,8 @@ class Engine:
     self.num_slots, self.max_len = num_slots, max_len
     sizes = depth_slots(cfg, max_len, slots) if cfg.kind == "mor" else [max_len] * self.n
     self.seg_sizes = sizes[:1] if self.share else sizes
-    self.seg_offsets = [int(x) for x in np.cumsum([0] + self.seg_sizes[:-1])]
+    # Deepest depth first: a T_1-long window from any segment's start stays inside the store.
+    self.seg_offsets = [int(sum(self.seg_sizes[r + 1:])) for r in range(len(self.seg_sizes))]
     self.forced = None if forced_depths is None else tuple(int(d) for d in forced_depths)
     if exit_rows is None:   # expected exits per step, +25%
       mean_depth = (float(np.mean(self.forced)) if self.forced else self.n
@@ -252,9 +257,9 @@ def _bucket(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Blocks over slot rows. `Block.__call__` with the attention opened up: every
-# row's new key is scattered into its cache first and the rows are read after,
-# so XLA updates the caches in place (a read before the write made it copy them).
+# Blocks over slot rows: `Block.__call__` with the attention opened up, so that
+# every row's new key is scattered into its cache before the rows are read (a
+# read before the write made XLA copy whole caches at every step).
 def _block(blk, x_Rx1xD, pos_R, attention):
   """Pre-norm block; attention(q_Rx1xNxH, kv) -> (ctx_Rx1xNxH, caches) does the cache work."""
   a, dt = blk.attn, x_Rx1xD.dtype
@@ -291,13 +296,12 @@ def _attend_rows(q_Rx1xNxH, kv: KV, pos_R, st: Store, rows_R, write_R, seg=None)
              st.pos_SxT.at[r_R, t_R].set(pos_R, mode="drop"),
              st.length_SxG.at[r_R, col_R].add(1, mode="drop"))
   k, v, pos = st.k_SxKxTxH, st.v_SxKxTxH, st.pos_SxT
-  if seg is not None:   # each row's own segment, padded to the longest; the rest hidden
-    t_1xV = jnp.arange(max(eng.seg_sizes), dtype=jnp.int32)[None]
-    idx_RxV = jnp.minimum(off_R[:, None] + t_1xV, t - 1)
-    take = lambda x, i: jnp.take_along_axis(x if rows_R is None else x[rows_R], i, axis=2,
-                                            mode="promise_in_bounds")   # indices are clipped
-    k, v = take(k, idx_RxV[:, None, :, None]), take(v, idx_RxV[:, None, :, None])
-    pos = jnp.where(t_1xV < size_R[:, None], take(pos[:, None], idx_RxV[:, None])[:, 0], -1)
+  if seg is not None:   # each row's own segment as a T_1-long window; the rest hidden
+    tv = max(eng.seg_sizes)
+    window = jax.vmap(lambda x, o: jax.lax.dynamic_slice_in_dim(x, o, tv, axis=x.ndim - 2))
+    k, v = window(k, off_R), window(v, off_R)   # contiguous [K, T_1, H] blocks per row
+    t_1xV = jnp.arange(tv, dtype=jnp.int32)[None]
+    pos = jnp.where(t_1xV < size_R[:, None], window(pos[..., None], off_R)[..., 0], -1)
   elif rows_R is not None:
     k, v, pos = k[rows_R], v[rows_R], pos[rows_R]
   # attend() wants [R, T, K, H]; its einsum transposes back, and XLA cancels the pair.

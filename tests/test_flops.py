@@ -104,3 +104,11 @@ def test_mor_flops_match_compiler_and_the_analytic_step_ratio():
   rec = [l for l in flops.layer_flops(tiny("recursive", num_layers=8), SEQ, causal=False)][1:7]
   assert sum(l.proj + l.mlp for l in layers) / sum(l.proj + l.mlp for l in rec) == pytest.approx(
       unit_ratio, rel=0.05)
+
+
+def test_lora_adapter_flops_match_compiler():
+  cfg = tiny("recursive", lora_rank=8)
+  fwd, _ = compiled_forward_and_train(cfg)
+  ours = flops.forward_flops_per_token(cfg, SEQ, causal=False)
+  assert abs(fwd / ours - 1) < 0.10, (fwd, ours)
+  assert ours > flops.forward_flops_per_token(tiny("recursive"), SEQ, causal=False)

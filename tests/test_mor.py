@@ -111,9 +111,9 @@ def test_expert_choice_capacity_exact_nested_sorted(monkeypatch):
   model = build_model(_cfg(**EC), 0)
   orig = MoRTransformer._unit_on
 
-  def spy(self, h, x_sel, idx_BxK, valid_BxK, pos, shared):
+  def spy(self, h, x_sel, idx_BxK, valid_BxK, pos, shared, *rest):
     self.seen.append((idx_BxK, valid_BxK))  # traced: returned from the jitted function below
-    return orig(self, h, x_sel, idx_BxK, valid_BxK, pos, shared)
+    return orig(self, h, x_sel, idx_BxK, valid_BxK, pos, shared, *rest)
 
   def run(m, tokens_BxS):
     object.__setattr__(m, "seen", [])

@@ -140,8 +140,6 @@ def test_adapters_are_counted():
   assert lora.flops_per_token(cfg) == 2 * per_recursion
 
 
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="needs mor.py to pass recursion=r to its unit (see issue 8 notes)")
 def test_mor_zero_b_adapters_change_nothing():
   kw = dict(router=config.RouterConfig(routing="expert_choice"))
   relaxed = zero_b(filled(model_cfg("mor", lora_rank=2, **kw)))

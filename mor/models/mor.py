@@ -156,29 +156,33 @@ class MoRTransformer(Transformer):
     warm = lambda: run(x_BxSxD, pos_BxS, full, mode="warmup", step=step)
     return jax.lax.cond(step < warmup, warm, fast)
 
-  def _run_unit(self, x_BxKxD, pos_BxK, shared_kvs=None):
+  def _run_unit(self, x_BxKxD, pos_BxK, shared_kvs=None, recursion=None):
     """Applies the unit's blocks; returns (x, per-block KV of this call or the shared ones)."""
     kvs = []
     for j, b in enumerate(self.plan.unit):
       if shared_kvs is None:
-        x_BxKxD, _, kv, _ = self.apply_block(b, x_BxKxD, pos_BxK)
+        x_BxKxD, _, kv, _ = self.apply_block(b, x_BxKxD, pos_BxK, recursion=recursion)
       else:
         kv = shared_kvs[j]
-        fn = lambda blk, x, p, kv: blk(x, p, shared_kv=kv)
+        fn = lambda blk, x, p, kv: blk(x, p, shared_kv=kv, recursion=recursion)
         fn = nnx.remat(fn) if self.cfg.remat else fn
         x_BxKxD = fn(self.blocks[b], x_BxKxD, pos_BxK, kv)[0]
       kvs.append(kv)
     return x_BxKxD, kvs
 
-  def _unit_on(self, h_BxSxD, x_sel_BxKxD, idx_BxK, valid_BxK, pos_BxS, shared_kvs):
+  def _unit_on(self, h_BxSxD, x_sel_BxKxD, idx_BxK, valid_BxK, pos_BxS, shared_kvs, r=0):
     """Runs the unit on the selected tokens; returns (out_BxKxD, KV to share or None)."""
     if self.cfg.router.kv == "share" and shared_kvs is None:
       # Recursion 1 over the full sequence yields the keys/values later recursions share.
-      out_BxSxD, kvs = self._run_unit(h_BxSxD, pos_BxS)
+      out_BxSxD, kvs = self._run_unit(h_BxSxD, pos_BxS, recursion=self._lora_recursion(r))
       return _take(out_BxSxD, idx_BxK), kvs
     pos_BxK = jnp.where(valid_BxK, _take(pos_BxS, idx_BxK), -1)  # -1: key hidden from all
-    out_BxKxD, _ = self._run_unit(x_sel_BxKxD, pos_BxK, shared_kvs)
+    out_BxKxD, _ = self._run_unit(x_sel_BxKxD, pos_BxK, shared_kvs, self._lora_recursion(r))
     return out_BxKxD, shared_kvs
+
+  def _lora_recursion(self, r: int) -> int | None:
+    """Which per-recursion LoRA adapters step r uses (deeper test-time steps reuse the last)."""
+    return min(r, self.cfg.num_recursions - 1) if self.cfg.lora_rank else None
 
   # -------------------------------------------------------------------------
   def _expert_choice(self, h_BxSxD, pos_BxS, slots, mode, step=None):
@@ -224,7 +228,8 @@ class MoRTransformer(Transformer):
       idx_BxK = _take(cand_idx_BxC, j_BxK)
       x_sel_BxKxD = _take(h_cand_BxCxD, j_BxK)
       gate_BxK = router.gate(_take(logit_BxC, j_BxK))
-      out_BxKxD, shared = self._unit_on(h_BxSxD, x_sel_BxKxD, idx_BxK, keep_BxK, pos_BxS, shared)
+      out_BxKxD, shared = self._unit_on(h_BxSxD, x_sel_BxKxD, idx_BxK, keep_BxK, pos_BxS, shared,
+                                        r)
       h_BxSxD = _scatter(h_BxSxD, idx_BxK, keep_BxK,
                          ec_increment(x_sel_BxKxD, out_BxKxD, gate_BxK), add=True)
       depth_BxS = _scatter(depth_BxS, idx_BxK, keep_BxK, 1, add=True)
@@ -263,7 +268,7 @@ class MoRTransformer(Transformer):
       dropped_B += jnp.sum(eligible_BxS & ~processed_BxS, axis=1, dtype=jnp.int32)
       x_sel_BxKxD = _take(state_BxSxD, idx_BxK)
       out_BxKxD, shared = self._unit_on(state_BxSxD, x_sel_BxKxD, idx_BxK, keep_BxK, pos_BxS,
-                                        shared)
+                                        shared, r)
       state_BxSxD = _scatter(state_BxSxD, idx_BxK, keep_BxK, out_BxKxD, add=False)
       depth_BxS += processed_BxS
     h_BxSxD = h1_BxSxD + gate_BxS[..., None].astype(h1_BxSxD.dtype) * state_BxSxD

@@ -111,16 +111,17 @@ def ec_decision(model, r: int, h_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array
   return go_BxS, router.gate(logit_BxS)
 
 
-def _unit(model, x_BxSxD, pos_BxS, caches, valid_BxS, shared=None):
+def _unit(model, r, x_BxSxD, pos_BxS, caches, valid_BxS, shared=None):
   """The unit's blocks over all tokens; writes the valid tokens' keys (or reads `shared`)."""
-  new = []
+  new, rec = [], model._lora_recursion(r)
   for j, b in enumerate(model.plan.unit):
     if shared is not None:
       c = shared[j]
-      x_BxSxD = model.blocks[b](x_BxSxD, pos_BxS,
+      x_BxSxD = model.blocks[b](x_BxSxD, pos_BxS, recursion=rec,
                                 shared_kv=KV(c.k_BxTxKxH, c.v_BxTxKxH, c.pos_BxT))[0]
     else:
-      x_BxSxD, c, _, _ = model.blocks[b](x_BxSxD, pos_BxS, cache=caches[j], valid_BxS=valid_BxS)
+      x_BxSxD, c, _, _ = model.blocks[b](x_BxSxD, pos_BxS, cache=caches[j], valid_BxS=valid_BxS,
+                                         recursion=rec)
       new.append(c)
   return x_BxSxD, (new if shared is None else caches)
 
@@ -129,10 +130,10 @@ def _step(model, r, x_BxSxD, pos_BxS, rec, go_BxS):
   """Recursion r on every token: (unit output, updated per-depth caches)."""
   share = model.cfg.router.kv == "share"
   if share and r == 0:  # recursion 1 fills the shared cache for every token
-    out, new = _unit(model, x_BxSxD, pos_BxS, rec[0], jnp.ones_like(go_BxS))
+    out, new = _unit(model, r, x_BxSxD, pos_BxS, rec[0], jnp.ones_like(go_BxS))
     return out, [new]
   caches = rec[0] if share else rec[r]
-  run = lambda: _unit(model, x_BxSxD, pos_BxS, caches, go_BxS,
+  run = lambda: _unit(model, r, x_BxSxD, pos_BxS, caches, go_BxS,
                       shared=rec[0] if share else None)
   # No token of the call goes this deep: skip the unit (batch-1 decoding saves the compute).
   out, new = jax.lax.cond(jnp.any(go_BxS), run, lambda: (x_BxSxD, caches))

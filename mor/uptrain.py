@@ -32,7 +32,7 @@ from flax import nnx
 
 from mor import interop
 from mor.config import UPTRAIN_STRATEGIES, Config, ConfigError, ModelConfig
-from mor.layers.lora import PROJECTIONS, block_weights
+from mor.layers.lora import block_weights, set_block_weights
 from mor.models import make_plan
 
 if TYPE_CHECKING:
@@ -115,11 +115,7 @@ def init_from_dense(model: nnx.Module, source: nnx.Module, strategy: str) -> Map
     ws = [block_weights(source.blocks[s], None) for s in src]
     mean = {k: jnp.asarray(sum(np.asarray(w[k], np.float64) for w in ws) / len(ws), jnp.float32)
             for k in ws[0]}
-    dst = model.blocks[b]
-    dst.attn_norm.scale.set_value(mean["attn_norm"])
-    dst.mlp_norm.scale.set_value(mean["mlp_norm"])
-    for sub, attr, _ in PROJECTIONS.values():
-      getattr(getattr(dst, sub), attr).set_value(mean[attr])
+    set_block_weights(model.blocks[b], mean)
   model.embed.table.set_value(source.embed.table[...])
   model.final_norm.scale.set_value(source.final_norm.scale[...])
   if not model.cfg.tie_embeddings:

@@ -110,6 +110,14 @@ def has_adapters(model: nnx.Module) -> bool:
              for b in model.blocks)
 
 
+def set_block_weights(block, w: dict) -> None:
+  """Writes a `block_weights`-style dict (norm scales and base projections) into a block."""
+  block.attn_norm.scale.set_value(w["attn_norm"])
+  block.mlp_norm.scale.set_value(w["mlp_norm"])
+  for sub, attr, _ in PROJECTIONS.values():
+    getattr(getattr(block, sub), attr).set_value(w[attr])
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
   """An untied vanilla model whose layer j holds layer j's effective weights (adapters folded).
 
@@ -129,11 +137,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   recs = applied_recursions(model.plan)
   for j, b in enumerate(model.plan.applied):
     w = block_weights(model.blocks[b], recs[j])
-    dst = merged.blocks[j]
-    dst.attn_norm.scale.set_value(w["attn_norm"])
-    dst.mlp_norm.scale.set_value(w["mlp_norm"])
-    for sub, attr, _ in PROJECTIONS.values():
-      getattr(getattr(dst, sub), attr).set_value(w[attr])
+    set_block_weights(merged.blocks[j], w)
   merged.embed.table.set_value(model.embed.table[...])
   merged.final_norm.scale.set_value(model.final_norm.scale[...])
   if not cfg.tie_embeddings:

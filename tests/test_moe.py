@@ -262,3 +262,24 @@ def test_expert_parallel_equals_single_device(dropless):
   parallel = jax.jit(forward.__wrapped__, out_shardings=NamedSharding(mesh, P()))(
       sharded_state, x)
   np.testing.assert_allclose(parallel, single, atol=1e-5)
+
+
+def test_ds_moe_report_dense_vs_sparse_after_training(tmp_path):
+  from mor import config as config_lib, train
+  from mor.models.moe import ds_moe_report
+  from tests.test_train import ArrayData, tiny_cfg
+  base = config_lib.to_dict(tiny_cfg(steps=6, eval_every=0))
+  base["model"].update(kind="moe", moe=dict(num_experts=4, router="top2", every=1,
+                                            dense_training=True, mi_loss_coef=5e-4,
+                                            ds_threshold=0.48))
+  cfg = config_lib.from_dict(base)
+  data = ArrayData(cfg)
+  out = train.run(cfg, str(tmp_path), data=data)
+  model = train.model_from_state(out["setup"], out["state"])
+  report = ds_moe_report(model, data.eval_batches(2))
+  dense, sparse = report["dense"], report["sparse"]
+  assert dense["experts_per_token"] == 4.0
+  assert 1.0 <= sparse["experts_per_token"] < 4.0
+  assert sparse["active_non_embedding"] < dense["active_non_embedding"]
+  assert dense["active_non_embedding"] == dense["total_non_embedding"]
+  assert abs(sparse["eval_nll"] - dense["eval_nll"]) < 0.5

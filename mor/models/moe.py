@@ -50,3 +50,41 @@ def moe_param_counts(model: Transformer, experts_per_token: float | None = None)
   return {"total": total, "active": total - inactive,
           "total_non_embedding": c["unique_non_embedding"],
           "active_non_embedding": c["unique_non_embedding"] - inactive}
+
+
+def ds_moe_report(model: Transformer, batches: list[dict]) -> dict:
+  """DS-MoE: held-out NLL and active parameters, dense (all experts) vs sparse inference.
+
+  Dense is the training computation (every expert weighted by its gate);
+  sparse keeps the experts the config's threshold (or fixed top-K) selects, and
+  its active parameters use the measured experts per token.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def nll_and_k(state, inputs, targets):
+    logits, _, aux = nnx.merge(graphdef, state)(inputs)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    ks = [v for k, v in aux["stats"].items() if k.endswith("moe/experts_per_token")]
+    return nll, jnp.mean(jnp.stack(ks))
+
+  out = {}
+  for mode, train in (("dense", True), ("sparse", False)):
+    set_mode(model, train)
+    graphdef, state = nnx.split(model)
+    rows = [nll_and_k(state, b["inputs"], b["targets"]) for b in batches]
+    nll = float(np.mean([float(r[0]) for r in rows]))
+    # dense inference touches every expert; the statistic counts the threshold's choice
+    k = (float(moe_layers(model)[0].moe.num_experts) if train else
+         float(np.mean([float(r[1]) for r in rows])))
+    counts = moe_param_counts(model, experts_per_token=k)
+    out[mode] = {"eval_nll": nll, "experts_per_token": k,
+                 "active_non_embedding": counts["active_non_embedding"],
+                 "total_non_embedding": counts["total_non_embedding"]}
+  set_mode(model, True)
+  return out

@@ -282,4 +282,16 @@ def test_ds_moe_report_dense_vs_sparse_after_training(tmp_path):
   assert 1.0 <= sparse["experts_per_token"] < 4.0
   assert sparse["active_non_embedding"] < dense["active_non_embedding"]
   assert dense["active_non_embedding"] == dense["total_non_embedding"]
+  assert sparse["eval_nll"] != dense["eval_nll"]       # sparse inference really drops experts
   assert abs(sparse["eval_nll"] - dense["eval_nll"]) < 0.5
+  keep_all = ds_moe_report(_with_threshold(model, 0.0), data.eval_batches(2))
+  assert keep_all["sparse"]["eval_nll"] == pytest.approx(dense["eval_nll"], abs=1e-5)
+
+
+def _with_threshold(model, threshold):
+  import dataclasses
+  from flax import nnx
+  for _, mod in nnx.iter_modules(model):
+    if isinstance(getattr(mod, "moe", None), MoEConfig):
+      mod.moe = dataclasses.replace(mod.moe, ds_threshold=threshold)
+  return model

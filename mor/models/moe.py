@@ -59,15 +59,16 @@ def ds_moe_report(model: Transformer, batches: list[dict]) -> dict:
   sparse keeps the experts the config's threshold (or fixed top-K) selects, and
   its active parameters use the measured experts per token.
   """
+  import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
 
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def nll_and_k(state, inputs, targets):
+  # graphdef is static: it carries the train/eval switch, so each mode compiles its own
+  @functools.partial(jax.jit, static_argnums=0)
+  def nll_and_k(graphdef, state, inputs, targets):
     logits, _, aux = nnx.merge(graphdef, state)(inputs)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     ks = [v for k, v in aux["stats"].items() if k.endswith("moe/experts_per_token")]
@@ -77,7 +78,7 @@ def ds_moe_report(model: Transformer, batches: list[dict]) -> dict:
   for mode, train in (("dense", True), ("sparse", False)):
     set_mode(model, train)
     graphdef, state = nnx.split(model)
-    rows = [nll_and_k(state, b["inputs"], b["targets"]) for b in batches]
+    rows = [nll_and_k(graphdef, state, b["inputs"], b["targets"]) for b in batches]
     nll = float(np.mean([float(r[0]) for r in rows]))
     # dense inference touches every expert; the statistic counts the threshold's choice
     k = (float(moe_layers(model)[0].moe.num_experts) if train else

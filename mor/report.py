@@ -11,7 +11,9 @@ import io
 import os
 from typing import Sequence
 
-from mor.sweep import DEFAULT_TASKS
+# The paper's accuracy tasks; lives here (not in mor.sweep) so report never imports sweep.
+DEFAULT_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge",
+                 "mmlu")
 
 LABELS = {"vanilla": "Vanilla", "recursive": "Recursive", "moe": "MoE (matched FLOPs)"}
 BASE_COLUMNS = ("model", "N_r", "unique_params", "flops", "tokens", "nll_causal",

@@ -38,10 +38,9 @@ import jax
 
 from mor import config as config_lib, train
 from mor.config import Config
+from mor.report import DEFAULT_TASKS  # re-exported; report must never import sweep
 
 HELDOUT_ROUTINGS = ("causal", "topk")
-DEFAULT_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge",
-                 "mmlu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The source is the vanilla tiny model (configs/vanilla_tiny.py: same shapes, 8
 layers) exported to Llama format:
   python -m experiments.train --config configs/vanilla_tiny.py --workdir runs/vanilla_tiny
-  python -c "from mor import interop; interop.export_checkpoint('runs/vanilla_tiny', \
+  python -c "from mor import analysis; analysis.export_checkpoint('runs/vanilla_tiny', \
 'runs/vanilla_tiny/llama')"
   python -m experiments.train --config configs/uptrain_mor_tiny.py --workdir runs/uptrain_mor
 Both runs train their tokenizer on the default corpus, so the vocabularies agree.

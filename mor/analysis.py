@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mor import checkpoint, config, metrics as metrics_lib, train
+from mor import checkpoint, config, interop, metrics as metrics_lib, train
 
 DEPTH_COLORS = ("#f0f0f0", "#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
 TOKEN_KINDS = ("word_start", "punctuation", "digit", "other")
@@ -32,6 +32,14 @@ def load_run(workdir: str):
   finally:
     mngr.close()
   return train.model_from_state(s, state), cfg, int(meta["step"])
+
+
+def export_checkpoint(workdir: str, folder: str, dtype: str = "float32") -> None:
+  """Exports the newest training checkpoint of a workdir (mor.train.run) to Llama format.
+
+  Lives here, above the trainer, so that mor.interop (below it) never imports mor.train.
+  """
+  interop.export_llama(load_run(workdir)[0], folder, dtype)
 
 
 def load_tokenizer(cfg: config.Config):

@@ -47,7 +47,8 @@ from flax import nnx
 
 from mor import config as config_lib
 from mor.config import ModelConfig
-from mor.layers.lora import PROJECTIONS, applied_recursions, block_weights
+from mor.layers.lora import (PROJECTIONS, applied_recursions, block_weights, has_adapters,
+                            set_block_weights)
 from mor.models import build_model, make_plan
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -288,13 +289,27 @@ def _check_tied(get, uses: list[int], hf_name: str) -> None:
                        "plan but differ; pass as_vanilla=True to read every layer untied")
 
 
-def export_checkpoint(workdir: str, folder: str, dtype: str = "float32") -> None:
-  """Exports the newest training checkpoint of a workdir (mor.train.run) to Llama format."""
-  from mor import checkpoint, train
-  saved = checkpoint.read_config(workdir)
-  s = train.setup(config_lib.from_dict(saved))
-  mngr = checkpoint.manager(workdir, async_save=False)
-  shapes = jax.eval_shape(s.init, jax.random.key(0))
-  state, _ = checkpoint.restore_latest(mngr, shapes, s.state_shardings, saved)
-  mngr.close()
-  export_llama(train.model_from_state(s, state), folder, dtype)
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """An untied vanilla model whose layer j holds layer j's effective weights (adapters folded).
+
+  Equal to a recursive model with or without adapters. A MoR model's routing
+  needs its tied unit, so it cannot be merged (export_llama writes its layers
+  with the adapters folded in, and keeps the routers).
+  """
+  cfg = model.cfg
+  if cfg.kind == "mor":
+    raise ValueError("merge_lora: a MoR model's routing needs tied blocks; export it with "
+                     "mor.interop.export_llama instead")
+  if cfg.kind == "vanilla" and not has_adapters(model):
+    return model
+  flat = dataclasses.replace(cfg, kind="vanilla", lora_rank=0)
+  merged = nnx.eval_shape(lambda: build_model(flat, nnx.Rngs(0)))
+  recs = applied_recursions(model.plan)
+  for j, b in enumerate(model.plan.applied):
+    w = block_weights(model.blocks[b], recs[j])
+    set_block_weights(merged.blocks[j], w)
+  merged.embed.table.set_value(model.embed.table[...])
+  merged.final_norm.scale.set_value(model.final_norm.scale[...])
+  if not cfg.tie_embeddings:
+    merged.head.set_value(model.head[...])
+  return merged

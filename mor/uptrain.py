@@ -23,7 +23,7 @@ initialisation (zero-B adapters leave the copied function unchanged).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,6 @@ from mor import interop
 from mor.config import UPTRAIN_STRATEGIES, Config, ConfigError, ModelConfig
 from mor.layers.lora import block_weights, set_block_weights
 from mor.models import make_plan
-
-if TYPE_CHECKING:
-  from mor.train import Setup
 
 Mapping = dict[int, tuple[int, ...]]   # unique target block -> source layers (mean); () = fresh
 
@@ -134,12 +131,14 @@ def init_from_folder(model: nnx.Module, folder: str, strategy: str,
   return mapping
 
 
-def maybe_init_from_source(cfg: Config, state: dict, setup: Setup) -> dict:
+def maybe_init_from_source(cfg: Config, state: dict, setup: Any) -> dict:
   """The train state with weights from cfg.uptrain.source, or `state` when it is "".
 
   Call once after `train.init_state` on a fresh run (not on resume): the
   optimizer state is re-initialised for the new parameters and everything is
-  placed with the run's shardings.
+  placed with the run's shardings. `setup` is the run's `mor.train.Setup` (only
+  its graphdef, tx and state_shardings are read; typed loosely because the
+  trainer imports this module, not the other way round).
   """
   if not cfg.uptrain.source:
     return state

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mor import config, interop
-from mor.layers.lora import merge_lora
+from mor import analysis, config, interop
+from mor.interop import merge_lora
 from mor.models import build_model
 
 HF = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -241,7 +241,7 @@ def test_export_checkpoint_of_a_training_run(tmp_path):
   mngr = checkpoint.manager(str(tmp_path), async_save=False)
   checkpoint.save(mngr, 3, state, {}, config.to_dict(cfg))
   mngr.close()
-  interop.export_checkpoint(str(tmp_path), str(tmp_path / "llama"))
+  analysis.export_checkpoint(str(tmp_path), str(tmp_path / "llama"))
   got_cfg, back = interop.import_llama(str(tmp_path / "llama"))
   assert got_cfg == cfg.model
   t = tokens()

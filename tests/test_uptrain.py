@@ -124,7 +124,7 @@ def test_zero_b_adapters_change_nothing_and_merge_exactly(sharing):
   with_nonzero_adapters(relaxed)
   out = logits(relaxed, t)
   assert np.abs(out - logits(plain, t)).max() > 1e-3
-  merged = lora.merge_lora(relaxed)
+  merged = interop.merge_lora(relaxed)
   assert merged.cfg.kind == "vanilla" and len(merged.blocks) == layers
   np.testing.assert_allclose(logits(merged, t), out, atol=2e-6, rtol=0)
 

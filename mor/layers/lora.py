@@ -12,7 +12,6 @@ Cost per token and per adapted projection: 2 * rank * (d_in + d_out) FLOPs
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -116,33 +115,6 @@ def set_block_weights(block, w: dict) -> None:
   block.mlp_norm.scale.set_value(w["mlp_norm"])
   for sub, attr, _ in PROJECTIONS.values():
     getattr(getattr(block, sub), attr).set_value(w[attr])
-
-
-def merge_lora(model: nnx.Module) -> nnx.Module:
-  """An untied vanilla model whose layer j holds layer j's effective weights (adapters folded).
-
-  Equal to a recursive model with or without adapters. A MoR model's routing
-  needs its tied unit, so it cannot be merged (export_llama writes its layers
-  with the adapters folded in, and keeps the routers).
-  """
-  from mor.models import build_model  # models import layers: import here, not at the top
-  cfg = model.cfg
-  if cfg.kind == "mor":
-    raise ValueError("merge_lora: a MoR model's routing needs tied blocks; export it with "
-                     "mor.interop.export_llama instead")
-  if cfg.kind == "vanilla" and not has_adapters(model):
-    return model
-  flat = dataclasses.replace(cfg, kind="vanilla", lora_rank=0)
-  merged = nnx.eval_shape(lambda: build_model(flat, nnx.Rngs(0)))
-  recs = applied_recursions(model.plan)
-  for j, b in enumerate(model.plan.applied):
-    w = block_weights(model.blocks[b], recs[j])
-    set_block_weights(merged.blocks[j], w)
-  merged.embed.table.set_value(model.embed.table[...])
-  merged.final_norm.scale.set_value(model.final_norm.scale[...])
-  if not cfg.tie_embeddings:
-    merged.head.set_value(model.head[...])
-  return merged
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

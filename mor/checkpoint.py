@@ -5,15 +5,24 @@ model state such as router biases and RNG streams, step), the data iterator
 position and the config. orbax writes each step into a temporary folder and
 renames it only when complete, so a half-written checkpoint is never listed;
 steps already saved are never overwritten.
+
+The data position is a grain iterator state, written by grain's orbax handler
+as one JSON file per process (`data/process_i-of-n.json`): with per-process
+sharding every process has its own position. Any iterator with JSON-able
+`get_state()`/`set_state()` (e.g. an in-memory test stream) is stored the same way.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
+
+_log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -27,11 +36,48 @@ def manager(workdir: str, keep: int = 2, async_save: bool = True) -> ocp.Checkpo
                                options=opts)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
-         cfg_dict: dict) -> None:
-  meta = {"data": data_state, "config": cfg_dict, "step": int(step)}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)))
+class _JsonState:
+  """Adapts a state (or a non-grain iterator) to grain's handler, which stores bytes as is.
+
+  Saving snapshots the state now, so an iterator that moves on while orbax
+  writes in the background cannot change what is saved.
+  """
+
+  def __init__(self, state: Any = None, target: Any = None):
+    self.state, self.target = state, target
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state, indent=1).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.target.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    """Called by grain's handler after restoring; nothing to prefetch."""
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: Any, cfg_dict: dict,
+         data_fingerprint: str = "") -> None:
+  """Saves state, the data position (an iterator, or its state dict) and the config."""
+  data_state = data.get_state() if hasattr(data, "get_state") else data
+  meta = {"config": cfg_dict, "step": int(step), "data_fingerprint": data_fingerprint}
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+      data=grain.checkpoint.CheckpointSave(_JsonState(data_state))))
+
+
+def restore_data(mngr: ocp.CheckpointManager, step: int, data: Any, meta: dict,
+                 data_fingerprint: str = "") -> None:
+  """Moves `data` (a grain or other iterator) to the position saved at step."""
+  if not os.path.isdir(os.path.join(str(mngr.directory), str(step), "data")):
+    _log.warning("checkpoint %d has no data position (written before grain); the data stream "
+                 "starts from its beginning", step)
+    return
+  if meta.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+    _log.warning("the data position was saved for another corpus/tokenizer/seq_len/batch/seed "
+                 "(%s != %s); resuming from it anyway", meta["data_fingerprint"], data_fingerprint)
+  item = data if isinstance(data, grain.DatasetIterator) else _JsonState(target=data)
+  mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(item)))
 
 
 def abstract_like(state_shape: Any, shardings: Any) -> Any:

@@ -117,6 +117,7 @@ class DataConfig:
   batch_size: int = 16                # global batch, in sequences
   eval_fraction: float = 0.02
   seed: int = 0
+  shuffle_window: int = 2048          # packed rows mixed by grain's window shuffle (1 = off)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ class TrainConfig:
   checkpoint_every: int = 0           # 0 = only at the end
   keep_checkpoints: int = 2
   peak_flops: float = 0.0             # per device; 0 = measure the matmul peak at start
+  tensorboard: bool = True            # also write DIR's scalars as TensorBoard event files
+  wandb: str = ""                     # Weights & Biases project; "" = off (wandb not needed)
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,7 @@ def validate(cfg: Config) -> Config:
   if m.lora_rank and (not m.lora_targets or set(m.lora_targets) - set(LORA_TARGETS)):
     raise ConfigError(f"model.lora_targets={m.lora_targets} must be a non-empty subset of "
                       f"{', '.join(LORA_TARGETS)}")
+  _positive("data.shuffle_window", cfg.data.shuffle_window)
   _choice("uptrain.strategy", cfg.uptrain.strategy, UPTRAIN_STRATEGIES)
   if cfg.uptrain.source and m.kind == "moe":
     raise ConfigError("uptrain.source is set but model.kind='moe'; uptraining targets vanilla, "

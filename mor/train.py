@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mor import config as config_lib, flops, sharding
+from mor import checkpoint, config as config_lib, flops, sharding, uptrain
+from mor import data as data_lib, metrics as metrics_lib
 from mor.config import Config, TrainConfig
 from mor.models import build_model
 
@@ -242,17 +243,32 @@ def evaluate(s: Setup, state, batches: list[dict]) -> dict:
           if np.ndim(rows[0][k]) == 0}
 
 
+def _log_line(s: Setup, m: dict, done: int, dt: float, peak: float) -> dict:
+  """The metrics row of a log step: the step's outputs plus throughput and FLOPs spent."""
+  tokens_per_step = s.cfg.data.batch_size * s.cfg.data.seq_len
+  row = {k: metrics_lib._to_python(v) for k, v in m.items()}
+  row.update(perplexity=math.exp(min(row["nll"], 50)), step_time_s=dt,
+             tokens_per_s=tokens_per_step / dt, tflops_per_s=s.flops_per_step / dt / 1e12,
+             mfu=s.flops_per_step / dt / (peak * jax.device_count()),
+             flops_spent=s.flops_per_step * done, tokens_seen=tokens_per_step * done)
+  return row
+
+
 def run(cfg: Config, workdir: str, data=None) -> dict:
   """Trains cfg in workdir, resuming from its newest checkpoint; returns a summary.
 
-  `data` defaults to `mor.data.make_data(cfg.data, ...)` for this process.
+  `data` defaults to `mor.data.make_data(cfg.data, ...)` for this process; any
+  object with `train` (an iterator with JSON-able get_state/set_state) and
+  `eval_batches(n)` works.
   """
-  from mor import checkpoint, data as data_lib, metrics as metrics_lib, uptrain
   os.makedirs(workdir, exist_ok=True)
   cfg_dict = config_lib.to_dict(cfg)
+  # first: a missing optional package (wandb) fails before any data or compile work
+  writer = metrics_lib.MetricsWriter(workdir, cfg.train.tensorboard, cfg.train.wandb, cfg_dict)
   if data is None:
     data = data_lib.make_data(cfg.data, cfg.model.vocab_size, jax.process_index(),
                               jax.process_count())
+  fingerprint = getattr(data, "fingerprint", "")
   s = setup(cfg)
   mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
   shapes = jax.eval_shape(s.init, jax.random.key(0))
@@ -261,49 +277,51 @@ def run(cfg: Config, workdir: str, data=None) -> dict:
     state = uptrain.maybe_init_from_source(cfg, init_state(s), s)
   else:
     state, meta = restored
-    data.train.set_state(meta["data"])
+    checkpoint.restore_data(mngr, int(meta["step"]), data.train, meta, fingerprint)
   start = int(state["step"])
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg_dict, f, indent=1)
-  writer = metrics_lib.MetricsWriter(workdir)
   progress = metrics_lib.Progress(s.steps, start)
   peak = cfg.train.peak_flops or metrics_lib.peak_flops_per_device()
   eval_batches = data.eval_batches(cfg.train.eval_batches)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   t, preempt, last = cfg.train, _Preempted(), {}
   tic, tic_step = time.perf_counter(), start
+
+  def save(step):
+    checkpoint.save(mngr, step, state, data.train, cfg_dict, fingerprint)
+
   try:
     for step in range(start, s.steps):
       state, m = s.train_step(state, to_global(s, next(data.train)))
       done = step + 1
+      progress.advance(done)
       if done % t.log_every == 0 or done == s.steps:
         check_finite(m, done)
         dt = (time.perf_counter() - tic) / (done - tic_step)
         tic, tic_step = time.perf_counter(), done
-        last = {k: metrics_lib._to_python(v) for k, v in m.items()}
-        last.update(perplexity=math.exp(min(last["nll"], 50)), step_time_s=dt,
-                    tokens_per_s=tokens_per_step / dt,
-                    tflops_per_s=s.flops_per_step / dt / 1e12,
-                    mfu=s.flops_per_step / dt / (peak * jax.device_count()),
-                    flops_spent=s.flops_per_step * done, tokens_seen=tokens_per_step * done)
+        last = _log_line(s, m, done, dt, peak)
         writer.write(done, last)
         progress.log(done, {k: last[k] for k in ("loss", "tokens_per_s", "mfu")})
       if t.eval_every and done % t.eval_every == 0 and done != s.steps:
-        writer.write(done, evaluate(s, state, eval_batches))
+        writer.write(done, evaluate(s, state, eval_batches), kind="eval")
       if (t.checkpoint_every and done % t.checkpoint_every == 0) or preempt.flag:
         check_finite(m, done)
-        checkpoint.save(mngr, done, state, data.train.get_state(), cfg_dict)
+        save(done)
       if preempt.flag:
         mngr.wait_until_finished()
+        progress.close()
         print(f"SIGTERM: saved step {done} and stopped", file=sys.stderr)
         return {"step": done, "preempted": True}
     final = int(state["step"])
     ev = evaluate(s, state, eval_batches) if eval_batches else {}
-    writer.write(final, ev)
+    writer.write(final, ev, kind="eval")
     if mngr.latest_step() != final:
-      checkpoint.save(mngr, final, state, data.train.get_state(), cfg_dict)
+      save(final)
     mngr.wait_until_finished()
   finally:
+    progress.close()
+    writer.close()
     preempt.restore()
     mngr.close()
   return {"step": final, "flops_spent": s.flops_per_step * final,

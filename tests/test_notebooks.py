@@ -1,4 +1,9 @@
-"""Every notebook in notebooks/ runs headless on a tiny MoR checkpoint without errors."""
+"""Every notebook in notebooks/ runs headless on a tiny MoR checkpoint without errors.
+
+The committed notebooks carry their outputs (plots from the README's main job) and
+import the installed `mor` (no sys.path edits); the kernel here finds this
+checkout through PYTHONPATH, as an editable install would.
+"""
 import glob
 import os
 
@@ -50,3 +55,13 @@ def test_notebook_runs(path, mor_run, monkeypatch):
   assert not [o for o in outputs if o.get("output_type") == "error"]
   text = "".join(o.get("text", "") for o in outputs)
   assert "same depth under causal and top-k routing" in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_committed_notebook_has_plots_and_no_path_edits(path):
+  nb = nbformat.read(path, as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert not [c for c in code if "sys.path" in c.source], "import the installed mor instead"
+  outputs = [o for c in code for o in c.get("outputs", [])]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "commit it with outputs"
+  assert not [o for o in outputs if o.get("output_type") == "error"]

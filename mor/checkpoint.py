@@ -69,10 +69,16 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: Any, cfg_dict
 def restore_data(mngr: ocp.CheckpointManager, step: int, data: Any, meta: dict,
                  data_fingerprint: str = "") -> None:
   """Moves `data` (a grain or other iterator) to the position saved at step."""
-  if not os.path.isdir(os.path.join(str(mngr.directory), str(step), "data")):
+  where = os.path.join(str(mngr.directory), str(step), "data")
+  if not os.path.isdir(where):
     _log.warning("checkpoint %d has no data position (written before grain); the data stream "
                  "starts from its beginning", step)
     return
+  mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if not os.path.exists(os.path.join(where, mine)):
+    raise CheckpointError(f"checkpoint {where} holds the data positions of "
+                          f"{', '.join(sorted(os.listdir(where)))}, not {mine}: resume with the "
+                          "number of processes that wrote it")
   if meta.get("data_fingerprint", data_fingerprint) != data_fingerprint:
     _log.warning("the data position was saved for another corpus/tokenizer/seq_len/batch/seed "
                  "(%s != %s); resuming from it anyway", meta["data_fingerprint"], data_fingerprint)

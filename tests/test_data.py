@@ -258,6 +258,11 @@ def test_data_position_round_trips_through_the_orbax_checkpoint(shared, tmp_path
   fresh = make_data(dataclasses.replace(cfg, shuffle_window=64), VOCAB)
   checkpoint.restore_data(mngr, 11, fresh.train, {"data_fingerprint": fresh.fingerprint})
   _assert_same(_take(fresh.train, 12), expected)
+  saved = tmp_path / "checkpoints" / "11" / "data" / "process_0-of-1.json"
+  saved.rename(saved.with_name("process_0-of-2.json"))    # as if two processes had written it
+  with pytest.raises(checkpoint.CheckpointError, match=r"process_0-of-2.json, not "
+                     r"process_0-of-1.json: resume with the number of processes"):
+    checkpoint.restore_data(mngr, 11, fresh.train, {})
   mngr.close()
 
 

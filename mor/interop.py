@@ -39,7 +39,6 @@ import math
 import os
 import struct
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 import jax
 import jax.numpy as jnp

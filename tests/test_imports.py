@@ -85,7 +85,7 @@ def test_find_cycle_finds_cycles():
   assert find_cycle({"a": {"b"}, "b": {"b2"}, "b2": {"b"}}) == ["b", "b2", "b"]
 
 
-def test_graph_sees_imports_inside_functions(tmp_path):
+def test_graph_sees_imports_inside_functions():
   graph = import_graph()
   assert "mor.models" in graph["mor.train"]
   assert "mor.data" in graph["mor.sweep"]       # `from mor.data import make_data` in a function

@@ -23,7 +23,9 @@ train step consumes, so tokens are not cached.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import time
 from typing import Any
 
 import grain
@@ -222,8 +224,6 @@ def make_data(cfg: DataConfig, vocab_size: int, process_index: int = 0,
 
 def measure_throughput(cfg: DataConfig, vocab_size: int, batches: int = 200) -> dict:
   """Tokens/s of the training iterator (after start-up), start-up and restore times."""
-  import json
-  import time
   tic = time.perf_counter()
   data = make_data(cfg, vocab_size)
   next(data.train)                       # fills grain's buffers and the first shuffle window

@@ -176,7 +176,8 @@ def _hold_out_tail(docs: grain.MapDataset, cfg: DataConfig) -> tuple[grain.MapDa
                                                                      grain.MapDataset]:
   """(train, eval) documents when a corpus has no validation split: the stream's tail.
 
-  Tokenizes the whole split once (such corpora are a few files).
+  Tokenizes the whole split once: cheap for the single-file folders that lack one;
+  a large catalog dataset without a validation or test split pays a full pass.
   """
   lengths = np.array([len(d) for d in docs])
   total, need = int(lengths.sum()), cfg.seq_len + 1

@@ -34,6 +34,30 @@ def time_fn(fn, repeats: int) -> float:
   return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Wall times of each fn() over `rounds` interleaved rounds: {name: [seconds per round]}.
+
+  Each fn is first called `warmup` times (the same call as timed, so the timed
+  calls compile nothing); then every round calls each fn once, in turn, so a
+  slow phase of a shared machine hits all variants alike. Report best and median.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def best_and_median(times: list[float]) -> tuple[float, float]:
+  ts = sorted(times)
+  return ts[0], ts[len(ts) // 2]
+
+
 def bench_train_step(cfg: Config, repeats: int = 5, devices=None) -> dict:
   """Step time, throughput, analytic and compiler FLOPs and peak memory of one train step."""
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))

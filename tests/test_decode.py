@@ -57,11 +57,13 @@ def both(m, toks_BxS, slots=None):
 assert_mixed = depth_mixed
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.quick)
+                                  if c in ("ec_cache", "tc_share") else c for c in CASES])
 def test_incremental_decoding_equals_causal_forward(case):
   """Catches: a depth's cache receiving tokens that stopped earlier (or missing some), a
-  depth reading another depth's cache, sharing reading stale keys, a decision that differs
-  between prefill and one-token decoding. Logits are O(1), depths mixed."""
+  depth reading another depth's cache (checked), a token going on after its router
+  stopped it (checked), sharing reading stale keys, a decision that differs between
+  prefill and one-token decoding. Logits are O(1), depths mixed."""
   m = mixed_model(**CASES[case])
   ref, want_depth, got, got_depth = jit_model(both, m)(tokens())
   assert_mixed(want_depth)

@@ -46,6 +46,7 @@ def test_causal_counting_halves_attention_only():
   assert causal.attn == pytest.approx(full.attn * (SEQ + 1) / (2 * SEQ))
 
 
+@pytest.mark.quick
 def test_breakdown_formula_by_hand():
   cfg = tiny("vanilla", num_layers=1)
   d, h, kv, dh, f, v = 128, 4, 2, 32, 384, 512

@@ -17,6 +17,7 @@ from tests.fixtures import assert_not_echo, assert_scale, moe_cfg
 T = 6  # tokens decoded per sequence
 
 
+@pytest.mark.quick
 def test_lru_counts_hits_on_crafted_sequence():
   lru, loads = offload.ExpertLRU(2), []
   load = lambda e: loads.append(e) or f"w{e}"

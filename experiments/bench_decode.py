@@ -22,10 +22,22 @@ decoding step costs the same at every fill level). Vanilla and recursive run
 `mor.decode.decode_step` in a jitted scan (the `generate` path); vanilla also
 runs through the engine (a single recursion), and ratios use the faster
 vanilla. MoR runs the continuous depth-wise batching engine (`mor.serving`)
-over a queue of requests. Each model is timed in `--rounds` interleaved rounds
-and the best round counts (the CPU is shared; the best round is the least
-disturbed). Batches: the fixed --batch, and for MoR the largest batch whose KV
-cache fits the vanilla model's KV bytes at --batch.
+over a queue of requests. Every run is first called once on exactly its timed
+shapes (compilation excluded), then all runs are timed in `--rounds` interleaved
+rounds; `tokens_per_s` is the best round (the CPU is shared; the best round is
+the least disturbed) and `tokens_per_s_median` the median. Batches: the fixed
+--batch, and for MoR the largest batch whose KV cache fits the vanilla model's
+KV bytes at --batch.
+
+Router-decided rows (`mor_ec3_trained`, `depths: routers`): a MoR whose routers
+were trained decides every token's depth itself. `--checkpoint DIR` loads a run
+(e.g. the README main job's runs/main); by default a CPU-sized expert-choice MoR
+(1 + 2 x 3 + 1 layers at --d_model) trains for --train_steps on the default
+corpus first. Prompts come from held-out text and generation samples (T = 1).
+The same model also runs under the capacity schedule (`depths: capacity
+schedule`), and both are compared with a vanilla twin of its applied layers;
+`mean_depth` is the realised recursions per token and `compute_ratio` follows
+from it. `--no_trained` skips these rows.
 """
 import argparse
 import json
@@ -45,6 +57,10 @@ def parse():
   p.add_argument("--steps", type=int, default=24, help="vanilla decoding steps per round")
   p.add_argument("--rounds", type=int, default=8)
   p.add_argument("--no_vanilla_engine", action="store_true")
+  p.add_argument("--checkpoint", default="", help="MoR run dir for router-decided rows")
+  p.add_argument("--train_steps", type=int, default=60,
+                 help="in-bench training of the router-decided MoR (without --checkpoint)")
+  p.add_argument("--no_trained", action="store_true", help="skip the router-decided rows")
   return p.parse_args()
 
 

@@ -34,6 +34,30 @@ def time_fn(fn, repeats: int) -> float:
   return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Wall times of each fn() over `rounds` interleaved rounds: {name: [seconds per round]}.
+
+  Each fn is first called `warmup` times (the same call as timed, so the timed
+  calls compile nothing); then every round calls each fn once, in turn, so a
+  slow phase of a shared machine hits all variants alike. Report best and median.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def best_and_median(times: list[float]) -> tuple[float, float]:
+  ts = sorted(times)
+  return ts[0], ts[len(ts) // 2]
+
+
 def bench_train_step(cfg: Config, repeats: int = 5, devices=None) -> dict:
   """Step time, throughput, analytic and compiler FLOPs and peak memory of one train step."""
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
@@ -63,18 +87,55 @@ def bench_train_step(cfg: Config, repeats: int = 5, devices=None) -> dict:
 UNIT = {2: 15, 3: 10, 4: 8}   # the paper's plans: 1 + B x N_r + 1 layers
 
 
+def trained_mor(checkpoint: str = "", train_steps: int = 60, d_model: int = 192,
+                workdir: str = ""):
+  """(model, cfg, label, data) of a MoR whose routers were trained, for router-decided rows.
+
+  checkpoint: a run directory (e.g. the README main job's runs/main). Otherwise a
+  CPU-sized expert-choice MoR (1 + 2 x 3 + 1 layers, the main job's preset at
+  d_model) trains for train_steps on the default corpus in a temporary workdir.
+  data: the run's data (held-out text for prompts), or None when it cannot be rebuilt.
+  """
+  import tempfile
+
+  from mor import analysis, config, train as train_lib
+  if checkpoint:
+    model, cfg, step = analysis.load_run(checkpoint)
+    if cfg.model.kind != "mor":
+      raise ValueError(f"--checkpoint {checkpoint}: model.kind={cfg.model.kind!r}; "
+                       "router-decided rows need a MoR run")
+    return model, cfg, f"checkpoint {checkpoint} step {step}", analysis.load_tokenizer(cfg)
+  cfg = config.tiny_config("mor", num_layers=8, num_recursions=3, d_model=d_model,
+                           num_heads=max(1, d_model // 32), num_kv_heads=max(1, d_model // 96),
+                           ffn_dim=3 * d_model)
+  d = config.to_dict(cfg)
+  d["train"].update(steps=train_steps, eval_every=0, log_every=max(1, train_steps),
+                    checkpoint_every=0)
+  cfg = config.from_dict(d)
+  with tempfile.TemporaryDirectory() as tmp:
+    out = train_lib.run(cfg, workdir or tmp)
+    model = train_lib.model_from_state(out["setup"], out["state"])
+  from mor.data import make_data
+  return model, cfg, f"trained in-bench, {train_steps} steps", make_data(cfg.data,
+                                                                         cfg.model.vocab_size)
+
+
 def bench_decode(args) -> tuple[list[dict], dict]:
   """Decoding tokens/s, KV bytes and peak memory: vanilla, recursive and MoR in one run.
 
   `args` carries d_model, num_heads, num_kv_heads, vocab, batch, max_len,
-  recursions ("2,3,4"), steps, rounds and no_vanilla_engine (see
-  experiments/bench_decode.py). Returns (records, timings).
+  recursions ("2,3,4"), steps, rounds, no_vanilla_engine, checkpoint, train_steps
+  and no_trained (see experiments/bench_decode.py). Every run is warmed up on
+  its timed call, then timed in `rounds` interleaved rounds; records carry the
+  best and the median round. Returns (records, timings).
   """
+  import dataclasses
+
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
-  from mor import decode
+  from mor import decode, routers as R
   from mor.config import ModelConfig, RouterConfig
   from mor.models import build_model
   from mor.serving import Engine
@@ -107,21 +168,28 @@ def bench_decode(args) -> tuple[list[dict], dict]:
     stats = compiled_stats(fn, state, caches)
     return (lambda: fn(state, caches)), args.steps * batch, kv, stats
 
-  def served(model, batch, n, **kw):
-    """Timed engine advance over a request queue; tokens counted from the engine."""
+  def served(model, batch, n, prompts=None, **kw):
+    """Timed engine advance over a request queue; tokens counted from the engine.
+
+    prompts: token rows to draw 4-token prompts from (held-out text), else random ids.
+    """
     eng = Engine(model, batch, T, steps_per_call=max(8, int(args.steps * 34 / (2 + 8 * n))),
                  **kw)
     rng = np.random.default_rng(0)
-    for _ in range(6 * batch):          # far more work than the timed rounds need
-      eng.submit(rng.integers(0, args.vocab, 4), T - 4)
-    holder = {"st": eng.start()}
+    vocab = model.cfg.vocab_size
+    for i in range(6 * batch):          # far more work than the timed rounds need
+      p = (rng.integers(0, vocab, 4) if prompts is None else
+           prompts[i % len(prompts), (i // len(prompts)) % (prompts.shape[1] - 4):][:4])
+      eng.submit(p, T - 4)
+    holder = {"st": eng.start(), "tokens": [], "rows": []}
     stats = compiled_stats(eng._chunk_fn(), eng.params, holder["st"])
-    holder["st"], _ = eng.advance(holder["st"])          # warm-up: slots fill up
+    holder["st"], _ = eng.advance(holder["st"])          # slots fill up before timing
 
     def call():
-      before = eng.stats["tokens_processed"]
+      before, rows = eng.stats["tokens_processed"], eng.stats["unit_rows"]
       holder["st"], _ = eng.advance(holder["st"])
-      holder["tokens"] = eng.stats["tokens_processed"] - before
+      holder["tokens"].append(eng.stats["tokens_processed"] - before)
+      holder["rows"].append(eng.stats["unit_rows"] - rows)
       return holder["st"].counters
     return call, holder, eng.kv_bytes()["total"], stats, eng
 
@@ -155,30 +223,61 @@ def bench_decode(args) -> tuple[list[dict], dict]:
       runs.append(dict(model=f"mor_ec{n}", num_recursions=n, layers=layers, batch=batch,
                        path="engine", fn=fn, holder=holder, kv_bytes=kv,
                        compute_ratio=layers / (2 + UNIT[n] * sum(caps)), **st))
+  # ---- router-decided depths: a MoR whose routers were trained, against its vanilla twin
+  # and against the same model driven by the capacity schedule.
+  if not args.no_trained:
+    model, tcfg, label, data = trained_mor(args.checkpoint, args.train_steps, args.d_model)
+    mc, n = tcfg.model, tcfg.model.num_recursions
+    prompts = None
+    if data is not None:   # prompts from held-out text: routers see real hidden states
+      prompts = np.concatenate([b["inputs"] for b in data.eval_batches(2)])
+    van = build_model(dataclasses.replace(mc, kind="vanilla", num_layers=len(model.plan.applied),
+                                          max_seq_len=max(mc.max_seq_len, T)), 0)
+    fn, toks, kv, st = plain(van, B)
+    runs.append(dict(model=f"vanilla{len(model.plan.applied)}_twin", num_recursions=1,
+                     layers=len(model.plan.applied), batch=B, path="decode_step scan", fn=fn,
+                     tokens=toks, kv_bytes=kv, twin=True, **st))
+    caps = R.ec_fractions(mc)
+    for depth_rule, kw in (("routers", {}),
+                           ("capacity schedule", dict(forced_depths=tuple(range(n, 0, -1))))):
+      fn, holder, kv, st, eng = served(model, B, n, prompts=prompts, temperature=1.0, **kw)
+      runs.append(dict(model=f"mor_ec{n}_trained", num_recursions=n,
+                       layers=len(model.plan.applied), batch=B, path="engine", fn=fn,
+                       holder=holder, kv_bytes=kv, depths=depth_rule, source=label, twin=True,
+                       unit_blocks=len(model.plan.unit), other_blocks=len(model.plan.prefix) +
+                       len(model.plan.suffix), capacity_mean_depth=float(sum(caps)), **st))
   build_s = time.perf_counter() - t_start
 
-  best = [math.inf] * len(runs)
-  for _ in range(args.rounds):
-    for i, r in enumerate(runs):
-      t = time.perf_counter()
-      jax.block_until_ready(r["fn"]())
-      dt = time.perf_counter() - t
-      toks = r["holder"]["tokens"] if "holder" in r else r["tokens"]
-      best[i] = min(best[i], dt / toks)
-
+  times = time_interleaved({i: r["fn"] for i, r in enumerate(runs)}, args.rounds)
   records = []
-  for r, s_per_tok in zip(runs, best):
+  for i, r in enumerate(runs):
+    if "holder" in r:   # the warm-up call's tokens come first
+      toks = r["holder"]["tokens"][-len(times[i]):]
+    else:
+      toks = [r["tokens"]] * len(times[i])
+    rates = sorted(t / max(k, 1) for t, k in zip(times[i], toks))
     rec = {k: r[k] for k in ("model", "num_recursions", "layers", "batch", "path",
-                             "kv_bytes", "peak_mem_bytes")}
-    rec["tokens_per_s"] = 1.0 / s_per_tok
+                             "kv_bytes", "peak_mem_bytes") if k in r}
+    rec["tokens_per_s"] = 1.0 / rates[0]
+    rec["tokens_per_s_median"] = 1.0 / rates[len(rates) // 2]
+    rec["rounds"] = len(rates)
     if "compute_ratio" in r:
       rec["compute_ratio"] = r["compute_ratio"]
+    if "depths" in r:   # realised depths: unit rows per token over the timed calls
+      h = r["holder"]
+      mean_depth = sum(h["rows"][-len(times[i]):]) / max(1, sum(toks))
+      ub, ob = r["unit_blocks"], r["other_blocks"]
+      rec.update(depths=r["depths"], source=r["source"], mean_depth=mean_depth,
+                 capacity_mean_depth=r["capacity_mean_depth"],
+                 compute_ratio=r["layers"] / (ob + ub * mean_depth))
     records.append(rec)
   for rec in records:
-    base = max(x["tokens_per_s"] for x in records
-               if x["model"] == f"vanilla{rec['layers']}" and x["batch"] == B)
+    twin = "_trained" in rec["model"] or rec["model"].endswith("_twin")
+    name = f"vanilla{rec['layers']}" + ("_twin" if twin else "")
+    base = max(x["tokens_per_s"] for x in records if x["model"] == name and x["batch"] == B)
     rec["ratio_to_vanilla"] = rec["tokens_per_s"] / base
-    rec["kv_ratio_to_vanilla"] = rec["kv_bytes"] / vanilla_kv[rec["layers"]] * B / rec["batch"]
+    vkv = next(x["kv_bytes"] for x in records if x["model"] == name and x["batch"] == B)
+    rec["kv_ratio_to_vanilla"] = rec["kv_bytes"] / vkv * B / rec["batch"]
     if "compute_ratio" in rec:
       rec["fraction_of_compute_ratio"] = rec["ratio_to_vanilla"] / rec["compute_ratio"]
   return records, {"setup_s": round(build_s, 1),

@@ -6,8 +6,14 @@ routers and the dense parts run as jitted functions on the device; after each
 MoE layer's router, the chosen experts are taken from its LRU cache or copied
 from the host (a miss). Speculative prefetch applies the *next* MoE layer's
 norm and router to the current hidden state and loads its likely experts into
-that layer's cache early. Experts may be stored as int8 or int4 with
-per-output-channel scales, copied quantised and dequantised on the device.
+that layer's cache early, on a background thread: the guess, its host sync and
+the copies overlap the layers in between, and the main thread joins the
+prefetch only when it reaches that layer. Experts may be stored as int8 or
+int4 with per-output-channel scales, copied quantised and dequantised on the
+device (`dequantized_model` is the in-memory model the quantised engine equals).
+`link_bytes_per_s` simulates a slower host-device link (a sleep per copy, which
+releases the GIL like a real DMA wait), for measuring overlap on a CPU where
+host and device memory are the same.
 
 Variants (the paper's ablation): full (LRU + prefetch), no_prefetch (LRU),
 no_cache (no LRU, no pre-loading: every used expert is copied each time) and
@@ -19,6 +25,7 @@ the in-memory model run dropless, or with capacity that drops nothing.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -30,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mor import kv_cache
+from mor.decode import sample
 from mor.layers.moe import MoEMLP, swiglu
 from mor.models.transformer import Transformer, compute_dtype
 
@@ -70,6 +78,24 @@ def dequantize(values: jax.Array, scale_O: jax.Array, bits: int, dtype=jnp.float
     hi = (values >> 4).astype(jnp.int8) - 8
     values = jnp.stack([lo, hi], axis=1).reshape(-1, values.shape[-1])
   return (values.astype(jnp.float32) * scale_O).astype(dtype)
+
+
+def dequantized_model(model: Transformer, quant: str) -> Transformer:
+  """A copy of model whose expert weights went through quantize -> dequantize per expert.
+
+  The quantised engine must equal this model (to float rounding), not the original.
+  """
+  bits = QUANT_BITS[quant]
+  out = nnx.clone(model)
+  if not bits:
+    return out
+  for block in out.blocks:
+    if isinstance(block.mlp, MoEMLP):
+      for name in EXPERT_PARAMS:
+        w = np.asarray(getattr(block.mlp, name)[...])
+        deq = [np.asarray(dequantize(*quantize(w[e], bits)[:2], bits)) for e in range(len(w))]
+        getattr(block.mlp, name)[...] = jnp.asarray(np.stack(deq))
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -189,8 +215,11 @@ class OffloadEngine:
   """Token-by-token decoding of a MoE Transformer whose experts live in host memory."""
 
   def __init__(self, model: Transformer, *, cache_size: int = 2, prefetch: bool = True,
-               naive: bool = False, quant: str = "none"):
+               naive: bool = False, quant: str = "none", link_bytes_per_s: float = 0.0):
+    if quant not in QUANT_BITS:
+      raise ValueError(f"quant={quant!r}; choose one of {sorted(QUANT_BITS)}")
     self.cfg = model.cfg
+    self.link_bytes_per_s = float(link_bytes_per_s)
     self.dtype = compute_dtype(model.cfg)
     self.bits = QUANT_BITS[quant]
     self.prefetch, self.naive = prefetch, naive
@@ -210,6 +239,8 @@ class OffloadEngine:
     self.next_moe = dict(zip(moe_layers, moe_layers[1:]))
     self.cache_size = 0 if naive else cache_size
     self.moe_layers = moe_layers
+    # One worker: prefetches run in order, overlapping the main thread's layers.
+    self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
     self.reset()
 
   def reset(self) -> None:
@@ -238,20 +269,50 @@ class OffloadEngine:
       return weights
     return tuple(quantize(w, self.bits) for w in weights)
 
-  def _load(self, b: int, expert: int) -> tuple:
-    """Copies one expert host -> device (quantised if stored so) and dequantises there."""
-    out = []
+  def _fetch(self, b: int, expert: int) -> tuple[tuple, int]:
+    """Copies one expert host -> device (quantised if stored so) and dequantises there.
+
+    Returns (weights, bytes moved); touches no engine state, so it may run on the
+    prefetch thread.
+    """
+    out, nbytes = [], 0
     for w in self.host[b][expert]:
-      self.counters.bytes_moved += w.nbytes
+      nbytes += w.nbytes
       if isinstance(w, QTensor):
         out.append(dequantize(jax.device_put(w.values), jax.device_put(w.scale_O), w.bits,
                               self.dtype))
       else:
         out.append(jax.device_put(w).astype(self.dtype))
-    return tuple(out)
+    if self.link_bytes_per_s:
+      time.sleep(nbytes / self.link_bytes_per_s)
+    return tuple(out), nbytes
 
-  def _moe_layer(self, j: int, x_BxSxD, pos_BxS, cache, guesses: dict):
+  def _load(self, b: int, expert: int) -> tuple:
+    weights, nbytes = self._fetch(b, expert)
+    self.counters.bytes_moved += nbytes
+    return weights
+
+  def _speculate(self, nxt: int, x_BxSxD, resident: frozenset) -> tuple[set, dict]:
+    """Prefetch thread: guess layer nxt's experts from x and fetch those not resident."""
+    b = self.applied[nxt]
+    g_expert, g_valid = (np.asarray(a) for a in _guess(*self.blocks[b], x_BxSxD))
+    guess = set(g_expert[g_valid].tolist())
+    return guess, {e: self._fetch(b, e) for e in sorted(guess - resident)}
+
+  def _join_prefetch(self, j: int, pending: dict, guesses: dict) -> None:
+    """Waits for layer j's prefetch (if any) and puts its experts into j's cache."""
+    if j not in pending:
+      return
+    guess, fetched = pending.pop(j).result()
+    guesses[j] = guess
+    for e, (weights, nbytes) in fetched.items():
+      self.counters.prefetch_loads += 1
+      self.counters.bytes_moved += nbytes
+      self.caches[j].put(e, weights)
+
+  def _moe_layer(self, j: int, x_BxSxD, pos_BxS, cache, guesses: dict, pending: dict):
     b = self.applied[j]
+    self._join_prefetch(j, pending, guesses)
     x_BxSxD, h_NxD, (expert, gate, valid), cache = _moe_attention(*self.blocks[b], x_BxSxD,
                                                                   pos_BxS, cache)
     expert_np, valid_np = np.asarray(expert), np.asarray(valid)  # the one host sync per layer
@@ -276,24 +337,18 @@ class OffloadEngine:
     y = _apply_experts(h_NxD, gate, jnp.asarray(slot_np, jnp.int32), valid, tuple(weights))
     x_BxSxD = x_BxSxD + y.reshape(x_BxSxD.shape)
     nxt = self.next_moe.get(j)
-    if self.prefetch and nxt is not None:
-      g_expert, g_valid = (np.asarray(a) for a in _guess(*self.blocks[self.applied[nxt]],
-                                                         x_BxSxD))
-      guess = set(g_expert[g_valid].tolist())
-      guesses[nxt] = guess
-      for e in sorted(guess):
-        if e not in self.caches[nxt]:
-          self.counters.prefetch_loads += 1
-          self.caches[nxt].put(e, self._load(self.applied[nxt], e))
+    if self.prefetch and nxt is not None:   # layer nxt's cache is untouched until it joins
+      pending[nxt] = self._pool.submit(self._speculate, nxt, x_BxSxD,
+                                       frozenset(self.caches[nxt].entries))
     return x_BxSxD, cache
 
   def step(self, tokens_Bx1: jax.Array, pos_Bx1: jax.Array, caches: list):
     """One decoding step; returns (logits_Bx1xV, caches)."""
     x = _embed(*self.top, tokens_Bx1)
-    guesses, new_caches = {}, []
+    guesses, pending, new_caches = {}, {}, []
     for j, b in enumerate(self.applied):
       if b in self.host:
-        x, cache = self._moe_layer(j, x, pos_Bx1, caches[j], guesses)
+        x, cache = self._moe_layer(j, x, pos_Bx1, caches[j], guesses, pending)
       else:
         x, cache = _dense_block(*self.blocks[b], x, pos_Bx1, caches[j])
       new_caches.append(cache)
@@ -304,8 +359,9 @@ class OffloadEngine:
     return [kv_cache.init_cache(batch, slots, c.num_kv_heads, c.dh, self.dtype)
             for _ in self.applied]
 
-  def decode(self, prompt_BxS: jax.Array, num_new: int = 0):
-    """Feeds the prompt token by token, then greedily generates num_new tokens.
+  def decode(self, prompt_BxS: jax.Array, num_new: int = 0, *, temperature: float = 0.0,
+             seed: int = 0):
+    """Feeds the prompt token by token, then generates num_new tokens (greedy at T = 0).
 
     Returns (logits_BxTxV for every fed position, generated_BxN).
     """
@@ -313,6 +369,7 @@ class OffloadEngine:
     # Fixed slot count: every decode call reuses the same compiled functions.
     caches = self.init_caches(b, max(self.cfg.max_seq_len, s + num_new))
     tok, logits, generated = prompt_BxS[:, :1], [], []
+    key = jax.random.key(seed)
     start = time.perf_counter()
     for t in range(s + num_new - (1 if num_new else 0)):
       pos = jnp.full((b, 1), t, jnp.int32)
@@ -321,7 +378,7 @@ class OffloadEngine:
       if t + 1 < s:
         tok = prompt_BxS[:, t + 1:t + 2]
       else:
-        tok = jnp.argmax(out[:, -1:], axis=-1).astype(jnp.int32)
+        tok = _sample(out[:, -1], jax.random.fold_in(key, t), temperature)[:, None]
         generated.append(tok)
     all_logits = jnp.concatenate(logits, axis=1).block_until_ready()
     self.counters.seconds += time.perf_counter() - start
@@ -330,14 +387,51 @@ class OffloadEngine:
     return all_logits, gen[:, :num_new]
 
 
+@functools.partial(jax.jit, static_argnames="temperature")
+def _sample(logits_BxV, key, temperature: float):
+  return sample(logits_BxV, key, temperature)
+
+
+def echo_fraction(prompt_BxS, generated_BxN) -> float:
+  """Fraction of generated tokens equal to the token before them (an echoing model)."""
+  p, g = np.asarray(prompt_BxS), np.asarray(generated_BxN)
+  prev = np.concatenate([p[:, -1:], g[:, :-1]], axis=1)
+  return float(np.mean(g == prev)) if g.size else 0.0
+
+
 def benchmark(model: Transformer, prompt_BxS: jax.Array, num_new: int, *, cache_size: int,
-              quant: str = "none", variants=VARIANTS) -> list[dict]:
-  """Decodes the same prompt with each variant after a warm-up pass; one record each."""
+              quant: str = "none", variants=VARIANTS, rounds: int = 3,
+              temperature: float = 1.0, link_bytes_per_s: float = 0.0,
+              seed: int = 0) -> list[dict]:
+  """Tokens/s of each variant decoding the same prompt and the same sampled tokens.
+
+  Every engine first decodes exactly the timed shapes once (compilation, caches
+  of the jitted pieces); then `rounds` rounds each time every variant once, in
+  turn, and the records report the best and the median round. Hits, misses,
+  bytes and recall are counts of one decode (identical in every round).
+  """
+  from mor.bench import time_interleaved
+  engines = {v: OffloadEngine(model, quant=quant, link_bytes_per_s=link_bytes_per_s,
+                              **variant_options(v, cache_size)) for v in variants}
+  out = {}
+
+  def runner(v):
+    def run():
+      engines[v].reset()
+      out[v] = engines[v].decode(prompt_BxS, num_new, temperature=temperature, seed=seed)[1]
+    return run
+
+  times = time_interleaved({v: runner(v) for v in variants}, rounds)
+  tokens = prompt_BxS.shape[0] * (prompt_BxS.shape[1] + num_new - 1)
   records = []
-  for variant in variants:
-    engine = OffloadEngine(model, quant=quant, **variant_options(variant, cache_size))
-    engine.decode(prompt_BxS[:, :2], 1)  # compile
-    engine.reset()
-    engine.decode(prompt_BxS, num_new)
-    records.append({"variant": variant, "quant": quant, **engine.summary()})
+  for v in variants:
+    ts = sorted(times[v])
+    summary = engines[v].summary()
+    summary.pop("tokens_per_s")
+    records.append({"variant": v, "quant": quant, "rounds": len(ts),
+                    "tokens_per_s_best": tokens / ts[0],
+                    "tokens_per_s_median": tokens / ts[len(ts) // 2],
+                    "echo_fraction": echo_fraction(prompt_BxS, out[v]),
+                    "same_tokens_as_first": bool(np.array_equal(out[v], out[variants[0]])),
+                    "link_bytes_per_s": link_bytes_per_s, **summary})
   return records

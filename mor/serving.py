@@ -90,6 +90,7 @@ class Queue(NamedTuple):
   out_RxG: jax.Array
   head: jax.Array           # next request to admit (FIFO)
   num: jax.Array            # requests queued (the rest of the R rows is padding)
+  logits_RxTxV: jax.Array | None = None   # record_logits: the LM head's output per position
 
 
 class EngineState(NamedTuple):
@@ -115,13 +116,15 @@ class Engine:
     decisions (gates still come from the routers); for benchmarks.
   mesh: shard the slot axis over its `data` axis.
   steps_per_call: engine steps per host call; compiler_options: for jax.jit.
+  record_logits: keep every exiting token's logits (prompt positions included);
+    `run` then fills `self.logits` {id: [prompt + new - 1, V]}, for tests.
   """
 
   def __init__(self, model: nnx.Module, num_slots: int, max_len: int, *,
                exit_rows: int | None = None, slots=None,
                forced_depths: Sequence[int] | None = None, temperature: float = 0.0,
                top_k: int = 0, seed: int = 0, mesh=None, steps_per_call: int = 64,
-               compiler_options: dict | None = None):
+               compiler_options: dict | None = None, record_logits: bool = False):
     cfg, plan = model.cfg, model.plan
     if not plan.cycle:
       raise ValueError("depth-wise batching needs a cycle or middle_cycle plan")
@@ -146,6 +149,7 @@ class Engine:
     self.temperature, self.top_k = float(temperature), int(top_k)
     self.mesh, self.steps_per_call = mesh, steps_per_call
     self.compiler_options = compiler_options
+    self.record_logits, self.logits = record_logits, {}
     self.graphdef, self.params = nnx.split(model)
     self.key = jax.random.key(seed)
     self._requests: list[tuple[int, np.ndarray, int]] = []
@@ -176,6 +180,9 @@ class Engine:
       return {}
     out = np.asarray(st.queue.out_RxG)
     self.key = st.key
+    if st.queue.logits_RxTxV is not None:
+      lg = np.asarray(st.queue.logits_RxTxV)
+      self.logits = {rid: lg[i, :len(p) + n - 1] for i, (rid, p, n) in enumerate(reqs)}
     return {rid: out[i, :n] for i, (rid, _, n) in enumerate(reqs)}
 
   def start(self) -> EngineState | None:
@@ -191,7 +198,9 @@ class Engine:
     for i, (_, prompt, n) in enumerate(reqs):
       prompts[i, :len(prompt)], plen[i], max_new[i] = prompt, len(prompt), n
     queue = Queue(jnp.asarray(prompts), jnp.asarray(plen), jnp.asarray(max_new),
-                  jnp.zeros((r, g), jnp.int32), jnp.int32(0), jnp.int32(len(reqs)))
+                  jnp.zeros((r, g), jnp.int32), jnp.int32(0), jnp.int32(len(reqs)),
+                  jnp.zeros((r, self.max_len, self.cfg.vocab_size), jnp.float32)
+                  if self.record_logits else None)
     return self._put(self.init_state(queue))
 
   def advance(self, st: EngineState) -> tuple[EngineState, bool]:
@@ -362,7 +371,11 @@ def _io(eng: Engine, model, st: EngineState) -> EngineState:
     x, suffix[i] = _block(model.blocks[b], x, pos_E, functools.partial(
         _attend_rows, pos_R=pos_E, st=suffix[i], rows_R=rows_E, write_R=exiting_E))
   key, sub = jax.random.split(st.key)
-  sampled_E = sample(model.logits(x)[:, 0], sub, eng.temperature, eng.top_k)
+  logits_ExV = model.logits(x)[:, 0]
+  sampled_E = sample(logits_ExV, sub, eng.temperature, eng.top_k)
+  if q.logits_RxTxV is not None:
+    q = q._replace(logits_RxTxV=q.logits_RxTxV.at[
+        jnp.where(exiting_E, jnp.maximum(req_E, 0), num_req), pos_E].set(logits_ExV, mode="drop"))
 
   # The next token: the prompt's while prefilling, else the sample; or the next request.
   req_c = jnp.maximum(req_E, 0)

@@ -41,6 +41,8 @@ def assert_same(a, b):
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, uninterrupted):
+  """Catches a resume that does not restore the data iterator's position (checked), or
+  the optimizer state / step: the resumed run must be bit-identical."""
   cfg, ref = uninterrupted
   with pytest.raises(KeyboardInterrupt):
     train.run(cfg, str(tmp_path), CrashingData(cfg, at=5, how="crash"))

@@ -8,6 +8,7 @@ from mor import config, flops
 from mor.models import build_model
 
 SEQ = 64
+TOL = 0.03   # NOTES.md and the README quote this bound; measured worst case is in NOTES.md
 
 
 def tiny(kind, **kw):
@@ -28,13 +29,13 @@ def compiled_forward_and_train(cfg):
 
 @pytest.mark.parametrize("kind,kw", [("vanilla", {}), ("recursive", {}),
                                      ("recursive", {"sharing": "cycle", "num_layers": 6})])
-def test_counter_matches_compiler_within_10_percent(kind, kw):
+def test_counter_matches_compiler_within_3_percent(kind, kw):
   cfg = tiny(kind, **kw)
   fwd, train = compiled_forward_and_train(cfg)
   # the compiler computes the full masked score matrix: compare with causal=False
   ours = flops.forward_flops_per_token(cfg, SEQ, causal=False)
-  assert abs(fwd / ours - 1) < 0.10, (fwd, ours)
-  assert abs(train / (3 * ours) - 1) < 0.10, (train, ours)
+  assert abs(fwd / ours - 1) < TOL, (fwd, ours)
+  assert abs(train / (3 * ours) - 1) < TOL, (train, ours)
 
 
 def test_causal_counting_halves_attention_only():
@@ -45,6 +46,7 @@ def test_causal_counting_halves_attention_only():
   assert causal.attn == pytest.approx(full.attn * (SEQ + 1) / (2 * SEQ))
 
 
+@pytest.mark.quick
 def test_breakdown_formula_by_hand():
   cfg = tiny("vanilla", num_layers=1)
   d, h, kv, dh, f, v = 128, 4, 2, 32, 384, 512
@@ -66,7 +68,7 @@ def test_moe_hardware_flops_match_compiler(router, dropless):
   cfg = tiny("moe", num_layers=4, moe=moe)
   fwd, _ = compiled_forward_and_train(cfg)
   ours = flops.forward_flops_per_token(cfg, SEQ, causal=False, hardware=True, batch=2)
-  assert abs(fwd / ours - 1) < 0.10, (fwd, ours)
+  assert abs(fwd / ours - 1) < TOL, (fwd, ours)
   # model FLOPs count only the active experts: fewer than the padded capacity slots
   assert flops.forward_flops_per_token(cfg, SEQ, causal=False) < ours
 
@@ -95,7 +97,7 @@ def test_mor_flops_match_compiler_and_the_analytic_step_ratio():
     cfg = tiny("mor", num_layers=8, router=router)
     fwd, train = compiled_forward_and_train(cfg)
     ours = flops.forward_flops_per_token(cfg, SEQ, causal=False)
-    assert abs(fwd / ours - 1) < 0.10 and abs(train / (3 * ours) - 1) < 0.10, (fwd, ours)
+    assert abs(fwd / ours - 1) < TOL and abs(train / (3 * ours) - 1) < TOL, (fwd, ours)
   # expert-choice N_r = 3 vs the recursive model of the same shape: the unit runs on
   # S, 2S/3, S/3 tokens instead of 3 S
   ec = tiny("mor", num_layers=8)
@@ -103,12 +105,12 @@ def test_mor_flops_match_compiler_and_the_analytic_step_ratio():
   layers = [l for l in flops.layer_flops(ec, SEQ, causal=False) if l.name.startswith("rec")]
   rec = [l for l in flops.layer_flops(tiny("recursive", num_layers=8), SEQ, causal=False)][1:7]
   assert sum(l.proj + l.mlp for l in layers) / sum(l.proj + l.mlp for l in rec) == pytest.approx(
-      unit_ratio, rel=0.05)
+      unit_ratio, rel=TOL)
 
 
 def test_lora_adapter_flops_match_compiler():
   cfg = tiny("recursive", lora_rank=8)
   fwd, _ = compiled_forward_and_train(cfg)
   ours = flops.forward_flops_per_token(cfg, SEQ, causal=False)
-  assert abs(fwd / ours - 1) < 0.10, (fwd, ours)
+  assert abs(fwd / ours - 1) < TOL, (fwd, ours)
   assert ours > flops.forward_flops_per_token(tiny("recursive"), SEQ, causal=False)

@@ -1,4 +1,8 @@
-"""MoE layer: execution paths vs a per-expert loop, aux losses by hand, expert parallelism."""
+"""MoE layer: execution paths vs a per-expert loop, aux losses by hand, expert parallelism.
+
+Layers come from tests/fixtures.py's `moe_cfg`: experts initialised N(0, 1/d), so
+outputs on N(0, 1) inputs are O(1) (asserted) and atol 1e-5 is about 1e-5 relative.
+"""
 import functools
 import math
 
@@ -13,12 +17,11 @@ from mor.config import MoEConfig, tiny_model
 from mor.layers import moe
 from mor.models import build_model
 from mor.models.moe import moe_param_counts, set_mode
+from tests.fixtures import assert_scale, moe_cfg
 
 
 def make_cfg(**moe_kw):
-  return tiny_model(kind="moe", num_layers=2, d_model=16, ffn_dim=24, num_heads=2,
-                    num_kv_heads=1, vocab_size=64, max_seq_len=32,
-                    moe=MoEConfig(**{"num_experts": 4, **moe_kw}))
+  return moe_cfg(num_layers=2, d_model=16, ffn_dim=24, vocab_size=64, max_seq_len=32, **moe_kw)
 
 
 def make_layer(seed=0, **moe_kw):
@@ -66,12 +69,20 @@ def loop_reference(x_NxD, r: moe.Routing, weights, capacity=None):
   return y, dropped
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("router", ["switch", "top2", "noisy_topk"])
 def test_paths_match_loop_reference(router):
+  """Capacity and dropless paths equal a per-expert Python loop, with and without drops.
+
+  Catches: a token sent to the wrong expert or slot, the gate of another choice, the
+  unsort of the grouped matmul, capacity slots filled in the wrong order (checked:
+  reversing the fill order fails), gates combined with the wrong assignment (checked).
+  """
   layer = make_layer(router=router)
   x_NxD = jax.random.normal(jax.random.key(2), (24, 16))
   r = route(layer, x_NxD, False)
   ref, _ = loop_reference(x_NxD, r, layer.weights)
+  assert_scale(ref, what="MoE output")
   y_dropless = dropless_apply(x_NxD, r, layer.weights)
   np.testing.assert_allclose(y_dropless, ref, atol=1e-5)
   # Capacity = N: nothing can drop, equal to dropless.
@@ -103,7 +114,8 @@ def test_layer_grads_capacity_equal_dropless_without_drops():
   x = jax.random.normal(jax.random.key(4), (2, 6, 16))
   grads = [nnx.jit(nnx.grad(loss))(make_layer(router="top2", dropless=d, eval_capacity_factor=4.0), x)
            for d in (False, True)]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+  # gradients of sum(y^2) with O(1) outputs are O(10-100): compare relatively too
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), *grads)
 
 
 # --- aux losses on crafted inputs -------------------------------------------------
@@ -213,6 +225,57 @@ def test_ds_moe_sparse_inference_keeping_all_experts_equals_dense(keep_all):
   assert float(aux_eval["stats"]["moe/experts_per_token"]) == 4.0
 
 
+def ds_masked_reference(x_NxD, layer, threshold=None, top_k=0):
+  """DS-MoE sparse inference by hand: per expert, mask by the keep decision, weight by p."""
+  x = np.asarray(x_NxD, np.float64)
+  logits = x @ np.asarray(layer.router.w[...], np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  e = p.shape[-1]
+  if top_k:
+    keep = np.zeros_like(p, bool)
+    np.put_along_axis(keep, np.argsort(-p, -1)[:, :top_k], True, -1)
+  else:
+    keep = e * p >= threshold
+  w_gate, w_up, w_down = (np.asarray(w, np.float64) for w in layer.weights)
+  y = np.zeros_like(x)
+  for i in range(e):
+    g = x @ w_gate[i]
+    out = (g / (1 + np.exp(-g)) * (x @ w_up[i])) @ w_down[i]
+    y += (keep[:, i] * p[:, i])[:, None] * out
+  return y, keep
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("rule", [dict(ds_threshold=0.48), dict(ds_top_k=2)])
+def test_ds_moe_sparse_inference_equals_masked_reference(rule):
+  """Sparse DS-MoE inference equals a per-expert loop masked by the threshold / top-K rule,
+  and differs from dense by far more than keep-all does (keep-all equals dense).
+
+  Catches: the threshold compared with p instead of E * p, gates renormalised over the
+  kept experts, a kept expert dropped or a dropped one applied (checked: keeping
+  every expert in sparse inference fails).
+  """
+  layer = make_layer(dense_training=True, **rule)
+  x_NxD = jax.random.normal(jax.random.key(6), (24, 16))
+  sparse_y, aux = call(layer, x_NxD[None], False)
+  dense_y = call(layer, x_NxD[None], True)[0]
+  want, keep = ds_masked_reference(x_NxD, layer, rule.get("ds_threshold"),
+                                   rule.get("ds_top_k", 0))
+  assert_scale(want, what="DS-MoE output")
+  kept = keep.sum(-1)
+  assert 1 <= kept.mean() <= 3 and kept.min() < 4, kept      # really sparse
+  np.testing.assert_allclose(float(aux["stats"]["moe/experts_per_token"]), kept.mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(sparse_y[0], want, atol=1e-5, rtol=0)
+  # Dropping experts changes the output by far more than rounding does.
+  keep_all = make_layer(dense_training=True, ds_threshold=0.0)
+  gap_all = float(jnp.abs(call(keep_all, x_NxD[None], False)[0] -
+                          call(keep_all, x_NxD[None], True)[0]).max())
+  gap = float(jnp.abs(sparse_y - dense_y).max())
+  assert gap_all < 1e-5 and gap > 1e-2 and gap > 1e3 * max(gap_all, 1e-8), (gap, gap_all)
+
+
 def test_ds_moe_threshold_keeps_fewer_experts():
   layer = make_layer(dense_training=True, ds_threshold=0.48)
   x = jax.random.normal(jax.random.key(6), (2, 5, 16))
@@ -269,7 +332,9 @@ def test_ds_moe_report_dense_vs_sparse_after_training(tmp_path):
   from mor.models.moe import ds_moe_report
   from tests.test_train import ArrayData, tiny_cfg
   base = config_lib.to_dict(tiny_cfg(steps=6, eval_every=0))
-  base["model"].update(kind="moe", moe=dict(num_experts=4, router="top2", every=1,
+  # O(1) experts (init 1/sqrt(d)) and an untied head: dropping experts moves the NLL
+  base["model"].update(kind="moe", init_std=0.125, tie_embeddings=False,
+                       moe=dict(num_experts=4, router="top2", every=1,
                                             dense_training=True, mi_loss_coef=5e-4,
                                             ds_threshold=0.48))
   cfg = config_lib.from_dict(base)
@@ -282,10 +347,12 @@ def test_ds_moe_report_dense_vs_sparse_after_training(tmp_path):
   assert 1.0 <= sparse["experts_per_token"] < 4.0
   assert sparse["active_non_embedding"] < dense["active_non_embedding"]
   assert dense["active_non_embedding"] == dense["total_non_embedding"]
-  assert sparse["eval_nll"] != dense["eval_nll"]       # sparse inference really drops experts
-  assert abs(sparse["eval_nll"] - dense["eval_nll"]) < 0.5
   keep_all = ds_moe_report(_with_threshold(model, 0.0), data.eval_batches(2))
-  assert keep_all["sparse"]["eval_nll"] == pytest.approx(dense["eval_nll"], abs=1e-5)
+  gap_all = abs(keep_all["sparse"]["eval_nll"] - dense["eval_nll"])
+  gap = abs(sparse["eval_nll"] - dense["eval_nll"])
+  assert gap_all < 1e-5                                  # keep-all sparse is dense
+  # measured: gap 2.1e-3, keep-all 0.0 (6 steps, threshold 0.48)
+  assert 5e-4 < gap < 0.5 and gap > 100 * max(gap_all, 1e-7), (gap, gap_all)
 
 
 def _with_threshold(model, threshold):

@@ -10,6 +10,10 @@ from mor.config import ModelConfig, RouterConfig
 from mor.models import build_model
 from mor.models.mor import MoRTransformer
 from mor.models.transformer import default_positions
+from tests.fixtures import SENSITIVE_STD, assert_scale
+
+# O(1) block outputs and an untied head (tests/fixtures.py): 1e-5 is ~1e-5 relative.
+SENSITIVE = dict(init_std=SENSITIVE_STD, tie_embeddings=False)
 
 EC = dict(routing="expert_choice", gate="sigmoid")
 TC = dict(routing="token_choice", gate="softmax", alpha=1.0)
@@ -89,12 +93,20 @@ def _dense_reference(model, tokens_BxS, depth_BxS):
   return model.logits(x)
 
 
-@pytest.mark.parametrize("router", [EC, TC], ids=["expert", "token"])
+@pytest.mark.parametrize("router", [pytest.param(EC, marks=pytest.mark.quick), TC],
+                         ids=["expert", "token"])
 @pytest.mark.parametrize("kv", ["cache", "share"])
 def test_gathered_equals_dense_masked_reference(router, kv):
+  """The gathered fast path equals the dense masked twin on the same decisions.
+
+  Catches: the gate of another token (checked), token-choice overflow not dropped (an
+  overflowing token still updated: checked), a selected token attending to tokens that
+  left (cache), sharing not reading recursion 1's keys.
+  """
   # Token-choice at capacity factor 0.8 overflows at every step, step 1 included (depth 0).
   extra = dict(capacity_factor=0.8) if router is TC else {}
-  model = build_model(_cfg(num_layers=8 if kv == "share" else 5, kv=kv, **router, **extra), 0)
+  model = build_model(_cfg(num_layers=8 if kv == "share" else 5, model=SENSITIVE, kv=kv,
+                           **router, **extra), 0)
 
   def both(m, tokens_BxS):
     logits, depth_BxS, aux = m._forward(tokens_BxS, None, "topk", None)
@@ -104,6 +116,7 @@ def test_gathered_equals_dense_masked_reference(router, kv):
   assert len(set(np.asarray(depth_BxS).ravel())) >= 3     # routing is not trivial
   if router is TC:
     assert float(aux["stats"]["dropped_tokens"]) > 0      # overflow is exercised too
+  assert_scale(want, what="logits")
   np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
 
 
@@ -188,15 +201,15 @@ def test_aux_bce_raises_sampling_accuracy():
 @pytest.mark.parametrize("router", [EC, TC], ids=["expert", "token"])
 @pytest.mark.parametrize("kv", ["cache", "share"])
 def test_causal_routing_ignores_future_tokens(router, kv):
-  model = build_model(_cfg(kv=kv, **router), 0)
+  model = build_model(_cfg(kv=kv, model=SENSITIVE, **router), 0)
   t = 9
   a_BxS = _tokens(s=16, seed=1)
   b_BxS = a_BxS.at[:, t + 1:].set(_tokens(s=16, seed=2)[:, t + 1:])
   fwd = _jit(_forward("causal"), model)
   (logits_a, depth_a, _), (logits_b, _, _) = fwd(a_BxS), fwd(b_BxS)
   assert len(set(np.asarray(depth_a).ravel())) > 1        # decisions differ per token
-  np.testing.assert_allclose(logits_a[:, :t + 1], logits_b[:, :t + 1], atol=1e-6)
-  assert np.abs(np.asarray(logits_a[:, t + 1:] - logits_b[:, t + 1:])).max() > 1e-4
+  np.testing.assert_allclose(logits_a[:, :t + 1], logits_b[:, :t + 1], atol=1e-5, rtol=0)
+  assert np.abs(np.asarray(logits_a[:, t + 1:] - logits_b[:, t + 1:])).max() > 1e-1
 
 
 def test_loss_free_balancing_reduces_maxvio():

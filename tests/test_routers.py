@@ -3,10 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from mor import routers as R
 from mor.config import ModelConfig, RouterConfig
+
+pytestmark = pytest.mark.quick   # pure functions on tiny arrays
 
 
 def _cfg(**router) -> ModelConfig:
@@ -38,6 +41,7 @@ def test_warmup_capacities_cosine_from_full():
 
 
 def test_expert_choice_select_top_k_in_original_order():
+  """Catches selected tokens left in score order instead of causal order (checked)."""
   logit_BxC = jax.random.normal(jax.random.key(0), (3, 12))
   j_BxK, keep_BxK = R.expert_choice_select(logit_BxC, jnp.ones((3, 12), bool), 5)
   assert keep_BxK.all()

@@ -19,6 +19,7 @@ def step_on(cfg, devices):
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4), dict(data=4, tensor=2),
                                   dict(data=1, fsdp=2, tensor=4)])
 def test_sharded_step_equals_single_device(mesh):
+  """A sharded train step (data, FSDP, tensor) gives the single-device loss and params."""
   assert jax.device_count() == 8
   cfg = config.replace(tiny_cfg(), mesh=dict(data=-1, fsdp=1, tensor=1, expert=1))
   ref_loss, ref_params, _ = step_on(cfg, jax.devices()[:1])
@@ -44,7 +45,9 @@ def test_sharded_mor_step_equals_single_device(router):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_golden_partition_specs():
+  """Catches a rule that silently replicates a weight family (checked: 'mlp' -> None)."""
   cfg = config.replace(tiny_cfg(), mesh=dict(data=2, fsdp=2, tensor=2))
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
   specs = {jax.tree_util.keystr(p): sh.spec for p, sh in
@@ -65,6 +68,7 @@ def test_golden_partition_specs():
   assert P("tensor", "fsdp") in opt_specs
 
 
+@pytest.mark.quick
 def test_rules_fail_loudly():
   with pytest.raises(config.ConfigError, match="unknown logical axis 'layers'"):
     sharding.logical_to_spec(("layers", "embed"))

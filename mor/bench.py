@@ -83,7 +83,9 @@ def bench_train_steps(cfgs: dict[str, Config], repeats: int = 5, devices=None,
   jitted f32 2048^3 matmuls, so the peak is measured beside each model's timing
   on the same (possibly busy) machine. MFU (causal model FLOPs) is against the
   median of those samples for each model, or against `peak_flops` (per device)
-  when given. Step times are medians over `repeats` rounds after one warm-up.
+  when given; mfu_round_median is the median over rounds of each step against the
+  matmul rate measured right after it. Step times are medians over `repeats`
+  rounds after one warm-up (step_time_min_s: the least disturbed round).
   """
   prepared = {name: prepare_train_step(cfg, devices) for name, cfg in cfgs.items()}
   for step, _ in prepared.values():
@@ -95,7 +97,7 @@ def bench_train_steps(cfgs: dict[str, Config], repeats: int = 5, devices=None,
       t = time.perf_counter()
       jax.block_until_ready(step())
       times[name].append(time.perf_counter() - t)
-      rates[name] += metrics.matmul_flop_rate(repeats=matmul_samples)
+      rates[name].append(_median(metrics.matmul_flop_rate(repeats=matmul_samples)))
   records = []
   for name, cfg in cfgs.items():
     rec = prepared[name][1]
@@ -104,11 +106,15 @@ def bench_train_steps(cfgs: dict[str, Config], repeats: int = 5, devices=None,
     measured = _median(rates[name])          # whole host
     peak = peak_flops * ndev if peak_flops else measured
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    records.append({"model": name, "step_time_s": dt,
+    # each round's step against the matmul rate measured right after it: robust to a load
+    # that changes during the run (the shared machine's usual state)
+    paired = [rec["flops_analytic_causal"] / t / r for t, r in zip(times[name], rates[name])]
+    records.append({"model": name, "step_time_s": dt, "step_time_min_s": min(times[name]),
                     "step_times_s": [round(t, 4) for t in times[name]],
                     "tokens_per_s": tokens / dt, **rec,
                     "mfu": rec["flops_analytic_causal"] / dt / peak,
                     "mfu_noncausal": rec["flops_analytic"] / dt / peak,
+                    "mfu_round_median": _median(paired),
                     "peak_flops": peak, "peak_flops_measured": measured,
                     "peak_flops_pinned": bool(peak_flops)})
   return records

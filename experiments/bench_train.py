@@ -1,9 +1,12 @@
-"""Train-step benchmark: python -m experiments.bench_train [--seq_len 512] [--devices 8].
+"""Train-step benchmark: python -m experiments.bench_train [--vocab 8192 --num_heads 8 ...].
 
 Prints a JSON list of records (model, step_time_s, tokens_per_s, flops_analytic,
-flops_compiler, peak_mem_bytes, ...) for vanilla, recursive and MoR (expert- and
-token-choice) of equal shape, measured in one run, plus ratios to recursive.
+flops_compiler, peak_mem_bytes, mfu, peak_flops, ...) for vanilla, recursive and
+MoR (expert- and token-choice) of equal shape, timed in interleaved rounds in
+one run with a jitted f32 matmul beside each step (the same-run peak that MFU
+uses; --peak_flops pins it), plus ratios to recursive.
 --devices N runs on N fake CPU devices (data-parallel mesh).
+The issue-12 shape: --vocab 8192 --num_heads 8 --num_kv_heads 4 --batch 8.
 """
 import argparse
 import json
@@ -16,11 +19,19 @@ def parse():
   p.add_argument("--models", default="vanilla,recursive,mor_ec,mor_tc")
   p.add_argument("--seq_len", type=int, default=512)
   p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--vocab", type=int, default=4096)
   p.add_argument("--d_model", type=int, default=256)
+  p.add_argument("--num_heads", type=int, default=4)
+  p.add_argument("--num_kv_heads", type=int, default=2)
+  p.add_argument("--ffn_dim", type=int, default=0, help="0: 3 x d_model")
   p.add_argument("--num_layers", type=int, default=8)
   p.add_argument("--num_recursions", type=int, default=3)
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--attention", default="", help="model.attention ('' = config default)")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+  p.add_argument("--peak_flops", type=float, default=0.0,
+                 help="pin the per-device peak FLOP/s for MFU (0: measure beside each step)")
   p.add_argument("--devices", type=int, default=0, help="fake CPU devices (0: as found)")
   return p.parse_args()
 
@@ -31,17 +42,19 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from mor import bench, config
+  from mor import bench
 
-  records = []
-  for name in args.models.split(","):
-    cfg = config.bench_config(name, seq_len=args.seq_len, batch=args.batch,
-                              d_model=args.d_model, num_layers=args.num_layers,
-                              num_recursions=args.num_recursions, dtype=args.dtype)
-    rec = {"model": name, "seq_len": args.seq_len, "batch": args.batch,
-           **bench.bench_train_step(cfg, args.repeats)}
-    records.append(rec)
-    print(json.dumps(rec), file=sys.stderr, flush=True)
+  shape = dict(seq_len=args.seq_len, batch=args.batch, d_model=args.d_model,
+               num_layers=args.num_layers, num_recursions=args.num_recursions, dtype=args.dtype)
+  cfgs = {name: bench.train_bench_config(name, vocab=args.vocab, num_heads=args.num_heads,
+                                         num_kv_heads=args.num_kv_heads, ffn_dim=args.ffn_dim,
+                                         remat=args.remat, attention=args.attention, **shape)
+          for name in args.models.split(",")}
+  load = os.getloadavg()
+  records = bench.bench_train_steps(cfgs, args.repeats, peak_flops=args.peak_flops)
+  for r in records:
+    r.update(seq_len=args.seq_len, batch=args.batch, vocab=args.vocab,
+             load_avg_before=round(load[0], 2), load_avg_after=round(os.getloadavg()[0], 2))
   base = next((r for r in records if r["model"] == "recursive"), None)
   if base:
     for r in records:

@@ -5,6 +5,7 @@ import math
 import time
 
 import jax
+import numpy as np
 
 from mor import flops, metrics, sharding, train
 from mor.config import Config
@@ -58,12 +59,31 @@ def best_and_median(times: list[float]) -> tuple[float, float]:
   return ts[0], ts[len(ts) // 2]
 
 
-def bench_train_step(cfg: Config, repeats: int = 5, devices=None) -> dict:
-  """Step time, throughput, analytic and compiler FLOPs and peak memory of one train step."""
+def _median(xs: list[float]) -> float:
+  return float(np.median(np.asarray(xs)))
+
+
+def train_bench_config(name: str, *, vocab: int = 4096, num_heads: int = 4,
+                       num_kv_heads: int = 2, ffn_dim: int = 0, remat: bool = False,
+                       attention: str = "", **shape) -> Config:
+  """config.bench_config(name, **shape) with the vocabulary, heads, FFN width and attention set."""
+  import dataclasses
+  from mor import config as config_lib
+  cfg = config_lib.bench_config(name, **shape)
+  over = dict(vocab_size=vocab, num_heads=num_heads, num_kv_heads=num_kv_heads, remat=remat)
+  if ffn_dim:
+    over["ffn_dim"] = ffn_dim
+  if attention:
+    over["attention"] = attention
+  model = dataclasses.replace(cfg.model, **over)
+  return config_lib.validate(dataclasses.replace(cfg, model=model))
+
+
+def prepare_train_step(cfg: Config, devices=None) -> tuple:
+  """(step() -> loss, static record) for one train step of cfg on random tokens."""
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
   state = train.init_state(s)
-  rng = jax.random.key(1)
-  toks = jax.random.randint(rng, (cfg.data.batch_size, cfg.data.seq_len + 1), 0,
+  toks = jax.random.randint(jax.random.key(1), (cfg.data.batch_size, cfg.data.seq_len + 1), 0,
                             cfg.model.vocab_size)
   batch = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, s.batch_sharding)
   stats = compiled_stats(s.train_step, state, batch)
@@ -73,15 +93,63 @@ def bench_train_step(cfg: Config, repeats: int = 5, devices=None) -> dict:
     holder["state"], m = s.train_step(holder["state"], batch)
     return m["loss"]
 
-  dt = time_fn(step, repeats)
-  tokens = cfg.data.batch_size * cfg.data.seq_len
-  peak = metrics.peak_flops_per_device() * s.mesh.devices.size
-  return {"step_time_s": dt, "tokens_per_s": tokens / dt,
-          "flops_analytic": flops.train_flops_per_step(cfg.model, cfg.data.seq_len,
-                                                       cfg.data.batch_size, causal=False),
-          "flops_analytic_causal": s.flops_per_step, **stats,
-          "mfu": s.flops_per_step / dt / peak, "peak_flops": peak,
-          "devices": s.mesh.devices.size}
+  rec = {"flops_analytic": flops.train_flops_per_step(cfg.model, cfg.data.seq_len,
+                                                      cfg.data.batch_size, causal=False),
+         "flops_analytic_causal": s.flops_per_step, **stats, "devices": s.mesh.devices.size}
+  return step, rec
+
+
+def bench_train_steps(cfgs: dict[str, Config], repeats: int = 5, devices=None,
+                      peak_flops: float = 0.0, matmul_samples: int = 2) -> list[dict]:
+  """Step time, tokens/s, FLOPs, memory and MFU of several train steps, timed interleaved.
+
+  Each round times one step of every model, each followed by `matmul_samples`
+  jitted f32 2048^3 matmuls, so the peak is measured beside each model's timing
+  on the same (possibly busy) machine. MFU (causal model FLOPs) is against the
+  median of those samples for each model, or against `peak_flops` (per device)
+  when given; mfu_round_median is the median over rounds of each step against the
+  matmul rate measured right after it. Step times are medians over `repeats`
+  rounds after one warm-up (step_time_min_s: the least disturbed round).
+  """
+  prepared = {name: prepare_train_step(cfg, devices) for name, cfg in cfgs.items()}
+  for step, _ in prepared.values():
+    jax.block_until_ready(step())
+  times = {name: [] for name in cfgs}
+  rates = {name: [] for name in cfgs}
+  for _ in range(repeats):
+    for name, (step, _) in prepared.items():
+      t = time.perf_counter()
+      jax.block_until_ready(step())
+      times[name].append(time.perf_counter() - t)
+      rates[name].append(_median(metrics.matmul_flop_rate(repeats=matmul_samples)))
+  records = []
+  for name, cfg in cfgs.items():
+    rec = prepared[name][1]
+    dt = _median(times[name])
+    ndev = rec["devices"]
+    measured = _median(rates[name])          # whole host
+    peak = peak_flops * ndev if peak_flops else measured
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    # each round's step against the matmul rate measured right after it: robust to a load
+    # that changes during the run (the shared machine's usual state)
+    paired = [rec["flops_analytic_causal"] / t / r for t, r in zip(times[name], rates[name])]
+    records.append({"model": name, "step_time_s": dt, "step_time_min_s": min(times[name]),
+                    "step_times_s": [round(t, 4) for t in times[name]],
+                    "tokens_per_s": tokens / dt, **rec,
+                    "mfu": rec["flops_analytic_causal"] / dt / peak,
+                    "mfu_noncausal": rec["flops_analytic"] / dt / peak,
+                    "mfu_round_median": _median(paired),
+                    "peak_flops": peak, "peak_flops_measured": measured,
+                    "peak_flops_pinned": bool(peak_flops)})
+  return records
+
+
+def bench_train_step(cfg: Config, repeats: int = 5, devices=None,
+                     peak_flops: float = 0.0) -> dict:
+  """bench_train_steps for one config (see there)."""
+  rec = bench_train_steps({"model": cfg}, repeats, devices, peak_flops)[0]
+  del rec["model"]
+  return rec
 
 
 UNIT = {2: 15, 3: 10, 4: 8}   # the paper's plans: 1 + B x N_r + 1 layers

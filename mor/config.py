@@ -19,6 +19,9 @@ KV_MODES = ("cache", "share")
 SCHEDULES = ("wsd", "cosine", "constant")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 UPTRAIN_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
+# xla: causal key blocks skipped (default); xla_dense: one masked S x T product;
+# dot_product: jax.nn.dot_product_attention (cuDNN flash on GPU); splash: Pallas TPU kernel
+ATTENTIONS = ("xla", "xla_dense", "dot_product", "splash")
 
 
 class ConfigError(ValueError):
@@ -94,6 +97,7 @@ class ModelConfig:
   moe: MoEConfig = field(default_factory=MoEConfig)
   lora_rank: int = 0                  # per-recursion LoRA on shared blocks (relaxation); 0 = off
   lora_targets: tuple = LORA_TARGETS  # projections that get adapters
+  attention: str = "xla"              # attention implementation (ATTENTIONS)
 
   @property
   def dh(self) -> int:
@@ -177,6 +181,7 @@ def validate(cfg: Config) -> Config:
   _choice("model.kind", m.kind, MODEL_KINDS)
   _choice("model.sharing", m.sharing, SHARING)
   _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.attention", m.attention, ATTENTIONS)
   for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_dim",
                "max_seq_len", "num_recursions"):
     _positive(f"model.{name}", getattr(m, name))

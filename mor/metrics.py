@@ -164,22 +164,30 @@ class Progress:
       self.bar = None
 
 
-def peak_flops_per_device() -> float:
-  """The accelerator's table peak, or on CPU a measured f32 matmul peak (whole host)."""
+def matmul_flop_rate(n: int = 2048, repeats: int = 8) -> list[float]:
+  """FLOP/s of `repeats` jitted f32 n^3 matmuls on the first device (one sample each)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  rates = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    rates.append(2 * n ** 3 / (time.perf_counter() - t))
+  return rates
+
+
+def peak_flops_per_device(repeats: int = 8) -> float:
+  """The accelerator's table peak, or on CPU the median measured f32 matmul rate.
+
+  The median of several runs (not the best) so that one lucky or unlucky sample
+  on a shared host does not move MFU; benchmarks that need a comparable number
+  measure it beside each timing (mor.bench) or pin it (train.peak_flops).
+  """
   dev = jax.devices()[0]
   for name, peak in ACCELERATOR_PEAKS.items():
     if name.lower() in str(getattr(dev, "device_kind", "")).lower():
       return peak
-  # best of several large matmuls: a busy shared host under-reports its peak (MFU > 1)
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(8):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  host = 2 * n ** 3 / best
+  host = float(np.median(matmul_flop_rate(repeats=repeats)))
   # fake CPU devices share the host's cores: each gets its share of the peak
   return host / (jax.local_device_count() if dev.platform == "cpu" else 1)

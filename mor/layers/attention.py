@@ -25,8 +25,38 @@ class KV(NamedTuple):
   pos_BxT: jax.Array
 
 
-def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array, impl: str = "xla_dense",
+           index_causal: bool = False) -> jax.Array:
   """Softmax attention of each query over the keys at positions <= its own.
+
+  impl: "xla_dense" (one masked S x T product, the reference), "xla" (causal key
+  blocks skipped), "dot_product" (jax.nn.dot_product_attention; cuDNN flash
+  attention on GPU in bf16/f16) or "splash" (Pallas splash attention; interpreted
+  off TPU). index_causal: the caller guarantees that a key after the query's
+  index is masked (one sequence's tokens, or a subset gathered in original order,
+  hidden keys at position -1), as in training self-attention; only then may a
+  kernel skip key blocks or use a plain causal mask. Otherwise (KV caches, shared
+  keys) every impl but dot_product runs the dense path. Rows of queries at
+  position -1 (hidden) are unspecified: callers drop them.
+  """
+  if impl == "xla_dense" or not (index_causal or impl == "dot_product"):
+    return _attend_dense(q_BxSxNxH, kv, q_pos_BxS)
+  if impl == "xla":
+    return _attend_blocked(q_BxSxNxH, kv, q_pos_BxS)
+  if impl == "dot_product":
+    return _attend_dot_product(q_BxSxNxH, kv, q_pos_BxS, index_causal)
+  if impl == "splash":
+    return _attend_splash(q_BxSxNxH, kv, q_pos_BxS)
+  raise ValueError(f"attention impl={impl!r}; choose xla, xla_dense, dot_product or splash")
+
+
+def _mask(k_pos_BxT: jax.Array, q_pos_BxS: jax.Array) -> jax.Array:
+  k_pos = k_pos_BxT[:, None, :]
+  return (k_pos >= 0) & (k_pos <= q_pos_BxS[:, :, None])
+
+
+def _attend_dense(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+  """The reference: one masked [G*S, T] product per KV head.
 
   The G query heads of a KV group are folded into the query axis, so both
   products are plain batched matmuls [B*K] x [G*S, H] x [H, T]: XLA on CPU ran
@@ -41,12 +71,110 @@ def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
   v_BxKxTxH = kv.v_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
   logits = jnp.einsum("bkqh,bkth->bkqt", q_BxKxQxH, k_BxKxTxH,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
-  k_pos = kv.pos_BxT[:, None, :]
-  mask_BxSxT = (k_pos >= 0) & (k_pos <= q_pos_BxS[:, :, None])
+  mask_BxSxT = _mask(kv.pos_BxT, q_pos_BxS)
   logits = jnp.where(mask_BxSxT[:, None, None], logits.reshape(b, k, g, s, -1), -1e30)
   probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, k, g * s, -1)
   out_BxKxQxH = jnp.einsum("bkqt,bkth->bkqh", probs, v_BxKxTxH)
   return out_BxKxQxH.reshape(b, k, g, s, h).transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
+
+
+def _block_size(s: int) -> int:
+  """Query rows per block: 64 (fastest at S = 512 on the 2-core CPU), at most 16 blocks."""
+  return max(64, -(-s // 16))
+
+
+def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+  """Index-causal attention that never computes a key block after the query block.
+
+  Query block i (rows [i*Q, (i+1)*Q)) attends over keys [0, (i+1)*Q) with the
+  position mask: about half the products and softmax work of the dense path at
+  S = 512 (36/64 of the blocks). The softmax is left unnormalised until after
+  the value product (a divide on [Q, H], not [Q, T]) and the scale goes on q.
+  Rows past S (padding to whole blocks) are hidden and sliced off.
+  """
+  b, s, n, h = q_BxSxNxH.shape
+  t, k = kv.k_BxTxKxH.shape[1], kv.k_BxTxKxH.shape[2]
+  g, qb = n // k, _block_size(s)
+  nb = -(-s // qb)
+  if nb < 2 or t != s:
+    return _attend_dense(q_BxSxNxH, kv, q_pos_BxS)
+  dt = q_BxSxNxH.dtype
+  pad = nb * qb - s
+  q = (q_BxSxNxH * jnp.asarray(h ** -0.5, dt))
+  q_pos = q_pos_BxS
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_pos = jnp.pad(q_pos_BxS, ((0, 0), (0, pad)), constant_values=-1)
+  # [B, K, blocks, G*Q, H]: each block's queries of one KV head are one matmul operand
+  q_BxKxIxQxH = q.reshape(b, nb, qb, k, g, h).transpose(0, 3, 1, 4, 2, 5).reshape(
+      b, k, nb, g * qb, h)
+  k_BxKxTxH = kv.k_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  v_BxKxTxH = kv.v_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  outs = []
+  for i in range(nb):
+    end = min((i + 1) * qb, t)
+    logits = jnp.einsum("bkqh,bkth->bkqt", q_BxKxIxQxH[:, :, i], k_BxKxTxH[:, :, :end],
+                        preferred_element_type=jnp.float32).reshape(b, k, g, qb, end)
+    mask_BxQxT = _mask(kv.pos_BxT[:, :end], q_pos[:, i * qb:(i + 1) * qb])
+    logits = jnp.where(mask_BxQxT[:, None, None], logits, -1e30)
+    # the max only stabilises exp: no gradient needs to flow through it
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - m)
+    denom_BxKxGxQx1 = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("bkqt,bkth->bkqh", e.astype(dt).reshape(b, k, g * qb, end),
+                   v_BxKxTxH[:, :, :end], preferred_element_type=jnp.float32)
+    outs.append((o.reshape(b, k, g, qb, h) / denom_BxKxGxQx1).astype(dt))
+  out = jnp.stack(outs, axis=1)   # [B, blocks, K, G, Q, H]
+  return out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nb * qb, n, h)[:, :s]
+
+
+def _attend_dot_product(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array,
+                        index_causal: bool) -> jax.Array:
+  """jax.nn.dot_product_attention: cuDNN flash attention on GPU (bf16/f16), XLA elsewhere.
+
+  Index-causal calls use is_causal plus a [B, 1, 1, T] key-validity mask (hidden
+  keys may sit anywhere); others pass the full position mask.
+  """
+  dt = q_BxSxNxH.dtype
+  k, v = kv.k_BxTxKxH.astype(dt), kv.v_BxTxKxH.astype(dt)
+  gpu = jax.default_backend() == "gpu" and dt in (jnp.bfloat16, jnp.float16)
+  if index_causal:
+    valid = (kv.pos_BxT >= 0)[:, None, None, :]
+    return jax.nn.dot_product_attention(q_BxSxNxH, k, v, mask=valid, is_causal=True,
+                                        implementation="cudnn" if gpu else "xla")
+  mask = _mask(kv.pos_BxT, q_pos_BxS)[:, None]
+  return jax.nn.dot_product_attention(q_BxSxNxH, k, v, mask=mask, implementation="xla")
+
+
+def _attend_splash(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+  """Pallas splash attention (TPU; interpret mode elsewhere) with a causal mask.
+
+  Hidden keys (position -1, last) and hidden queries get segment 1, the rest 0,
+  so the causal mask plus segments equal the position mask for valid queries.
+  Lengths that are not a multiple of the 128-row kernel blocks run the blocked
+  XLA path instead. One MQA kernel per KV head (its G query heads).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as sk, splash_attention_mask as sm)
+  b, s, n, h = q_BxSxNxH.shape
+  t, k = kv.k_BxTxKxH.shape[1], kv.k_BxTxKxH.shape[2]
+  if s % 128 or t != s:
+    return _attend_blocked(q_BxSxNxH, kv, q_pos_BxS)
+  g, dt = n // k, q_BxSxNxH.dtype
+  mask = sm.MultiHeadMask([sm.CausalMask((s, t)) for _ in range(g)])
+  blocks = sk.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128, block_q_dkv=128,
+                         block_kv_dkv=128, block_kv_dkv_compute=128, block_q_dq=128,
+                         block_kv_dq=128)
+  kernel = sk.make_splash_mha(mask, block_sizes=blocks, is_mqa=True, head_shards=1,
+                              q_seq_shards=1, interpret=jax.default_backend() != "tpu")
+  seg = sk.SegmentIds(q=(q_pos_BxS < 0).astype(jnp.int32), kv=(kv.pos_BxT < 0).astype(jnp.int32))
+  q_BxKxGxSxH = (q_BxSxNxH * jnp.asarray(h ** -0.5, dt)).reshape(b, s, k, g, h).transpose(
+      0, 2, 3, 1, 4)
+  k_BxKxTxH = kv.k_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  v_BxKxTxH = kv.v_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))                # over KV heads
+  out = jax.vmap(per_head)(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, seg)     # over the batch
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h).astype(dt)
 
 
 class Attention(nnx.Module):
@@ -54,7 +182,7 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                rope_theta: float, std: float, rngs: nnx.Rngs,
-               lora: lora_lib.LoRASpec | None = None):
+               lora: lora_lib.LoRASpec | None = None, impl: str = "xla"):
     self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
     self.wk = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
                     std)
@@ -62,6 +190,7 @@ class Attention(nnx.Module):
                     std)
     self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), std)
     self.rope_theta = rope_theta
+    self.impl = impl
     self.lora = lora_lib.adapters(lora, self, "attn", rngs)  # per-recursion; None: no relaxation
 
   def project_kv(self, x_BxSxD: jax.Array, pos_BxS: jax.Array,
@@ -86,9 +215,10 @@ class Attention(nnx.Module):
     kv = shared_kv if shared_kv is not None else self.project_kv(x_BxSxD, pos_BxS, recursion)
     if cache is not None and shared_kv is None:
       cache = kv_cache.write(cache, kv.k_BxTxKxH, kv.v_BxTxKxH, pos_BxS, valid_BxS)
-      ctx = attend(q, KV(cache.k_BxTxKxH, cache.v_BxTxKxH, cache.pos_BxT), pos_BxS)
+      ctx = attend(q, KV(cache.k_BxTxKxH, cache.v_BxTxKxH, cache.pos_BxT), pos_BxS, self.impl)
     else:
-      ctx = attend(q, kv, pos_BxS)
+      # self-attention over this call's own tokens is index-causal (see attend)
+      ctx = attend(q, kv, pos_BxS, self.impl, index_causal=shared_kv is None)
     b, s, n, h = ctx.shape
     y = lora_lib.project(ctx.reshape(b, s, n * h), self.wo[...].reshape(n * h, -1), dt,
                          self.lora, "o", recursion)

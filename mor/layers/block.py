@@ -25,7 +25,7 @@ class Block(nnx.Module):
     self.lora_num = lora_num if lora else 0
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dh, cfg.rope_theta,
-                          cfg.init_std, rngs, lora=lora)
+                          cfg.init_std, rngs, lora=lora, impl=cfg.attention)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.mlp = mlp if mlp is not None else SwiGLU(cfg.d_model, cfg.ffn_dim, cfg.init_std, rngs,
                                                   lora=lora)

@@ -97,8 +97,10 @@ class MoRTransformer(Transformer):
 
   def __call__(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None,
                caches: MoRCaches | None = None, *, routing: str = "topk", step=None,
-               max_depth: int | None = None):
+               max_depth: int | None = None, head: bool = True):
     """Returns (logits_BxSxV, caches or None, aux); routing is 'topk' (training) or 'causal'.
+
+    head=False: final-normed hidden states instead of logits (see Transformer).
 
     With `caches` (from `init_caches`) this is prefill or decoding, always with
     the causal decisions (mor.models.mor_decode). max_depth (causal routing only)
@@ -107,8 +109,8 @@ class MoRTransformer(Transformer):
     if caches is not None:
       pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
       return mor_decode.cached_forward(self, tokens_BxS, pos_BxS, caches)
-    logits, _, aux = self._forward(tokens_BxS, pos_BxS, routing, step, max_depth)
-    return logits, None, aux
+    x, _, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth)
+    return self._out(x, head), None, aux
 
   def init_caches(self, batch: int, max_len: int, slots=None) -> MoRCaches:
     """Prefix/suffix caches and one cache per (depth, unit block), or per unit block (share).
@@ -121,7 +123,7 @@ class MoRTransformer(Transformer):
   def routing_decisions(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None, *,
                         routing: str = "topk", step=None) -> jax.Array:
     """Realised depth per token, int32 [B, S] in 0..N_r (recursions that processed it)."""
-    return self._forward(tokens_BxS, pos_BxS, routing, step)[1]
+    return self._trunk(tokens_BxS, pos_BxS, routing, step)[1]
 
   def post_update(self, stats: dict) -> None:
     """After each optimizer step: loss-free balancing bias update (token-choice only)."""
@@ -130,6 +132,11 @@ class MoRTransformer(Transformer):
 
   # -------------------------------------------------------------------------
   def _forward(self, tokens_BxS, pos_BxS, routing, step, max_depth=None):
+    x, depth_BxS, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth)
+    return self.logits(x), depth_BxS, aux
+
+  def _trunk(self, tokens_BxS, pos_BxS, routing, step, max_depth=None):
+    """Embedding, prefix, recursions, suffix: (x_BxSxD before the final norm, depth, aux)."""
     if routing not in ("topk", "causal"):
       raise ValueError(f"routing={routing!r}; choose topk or causal")
     if max_depth is not None and routing != "causal":
@@ -141,7 +148,7 @@ class MoRTransformer(Transformer):
     x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step, max_depth)
     for b in self.plan.suffix:
       x = self.apply_block(b, x, pos_BxS)[0]
-    return self.logits(x), depth_BxS, aux
+    return x, depth_BxS, aux
 
   def _recursions(self, x_BxSxD, pos_BxS, routing, step, max_depth=None):
     s, n = x_BxSxD.shape[1], self.cfg.num_recursions

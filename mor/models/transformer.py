@@ -75,12 +75,19 @@ class Transformer(nnx.Module):
     x = self.embed(tokens_BxS, compute_dtype(self.cfg))
     return sharding.constrain(x, ("batch", "sequence", None))
 
+  def head_weight(self) -> jax.Array:
+    """The LM head as [D, V] (the embedding table, transposed, when tied)."""
+    return self.embed.table[...].T if self.cfg.tie_embeddings else self.head[...]
+
   def logits(self, x_BxSxD: jax.Array) -> jax.Array:
     """Final norm and LM head; logits in float32 for a stable softmax."""
     h = self.final_norm(x_BxSxD)
-    w = self.embed.table[...].T if self.cfg.tie_embeddings else self.head[...]
-    logits = dense(h, w, h.dtype).astype(jnp.float32)
+    logits = dense(h, self.head_weight(), h.dtype).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "sequence", "vocab"))
+
+  def _out(self, x_BxSxD: jax.Array, head: bool) -> jax.Array:
+    """Logits, or (head=False) the final-normed hidden states the head would read."""
+    return self.logits(x_BxSxD) if head else self.final_norm(x_BxSxD)
 
   def apply_block(self, index: int, x_BxSxD, pos_BxS, recursion: int | None = None, **kw):
     """Applies unique block `index`; rematerialised in training when cfg.remat.
@@ -97,8 +104,11 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None,
                caches: list | None = None, step: jax.Array | None = None,
-               routing: str = "topk"):
+               routing: str = "topk", head: bool = True):
     """Returns (logits_BxSxV, caches or None, aux).
+
+    head=False returns the final-normed hidden states [B, S, D] instead of
+    logits, for a loss that applies `head_weight()` itself (train.lm_head_cross_entropy).
 
     `step` (the training step, for schedules inside a model such as MoR capacity
     warm-up) and `routing` ("topk" as in training, or "causal" as at inference)
@@ -116,7 +126,7 @@ class Transformer(nnx.Module):
       x, cache, _, aux = self.apply_block(b, x, pos_BxS, recursion=recs[j], **kw)
       new_caches.append(cache)
       auxes.append(merge_aux(aux, prefix=f"layer{j}/"))
-    return self.logits(x), (new_caches if caches is not None else None), merge_aux(*auxes)
+    return self._out(x, head), (new_caches if caches is not None else None), merge_aux(*auxes)
 
 
 def _size(module) -> int:

@@ -393,16 +393,20 @@ VARIANTS = {
     "recursive3_middle_sequence": ("recursive", 3, {}, {"sharing": "middle_sequence"}),
     "mor_ec2": ("mor", 2, {}, {}), "mor_ec3": ("mor", 3, {}, {}), "mor_ec4": ("mor", 4, {}, {}),
     "mor_ec3_share": ("mor", 3, {"kv": "share"}, {}),
+    # the combine ablation: full block update forward, router gradient through g
+    "mor_ec3_st": ("mor", 3, {"combine": "straight_through"}, {}),
     "mor_tc3": ("mor", 3, _TC, {}),
     "mor_tc3_share": ("mor", 3, {**_TC, "kv": "share"}, {}),
 }
 
 # `--scale cpu`: the shape, data and optimiser chosen so that recursion matters on 2 CPU
 # cores (README "Results"); filled by cpu_config.
-CPU_MODEL = dict(vocab_size=4096, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
-                 max_seq_len=128)
-CPU_DATA = dict(seq_len=128, batch_size=16)
-CPU_TRAIN = dict(lr=3e-3, log_every=10, eval_every=0, eval_batches=8, checkpoint_every=100)
+# A small vocabulary and short batches: the LM head is a smaller share of the FLOPs, and a
+# FLOP budget buys more optimiser steps (probes in README "Results").
+CPU_MODEL = dict(vocab_size=2048, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
+                 max_seq_len=64)
+CPU_DATA = dict(seq_len=64, batch_size=8)
+CPU_TRAIN = dict(lr=3e-3, log_every=10, eval_every=0, eval_batches=16, checkpoint_every=0)
 CPU_ROUTER: dict = {}   # router fields every CPU MoR row overrides (e.g. combine)
 CPU_LAYERS = 8
 

@@ -103,3 +103,37 @@ def plot_loss_groups(groups: Sequence[tuple[str, Sequence[str]]], x: str, path: 
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def plot_contribution(rows: Sequence[dict], path: str, title: str = "") -> str | None:
+  """Recursion contribution (NLL skipped - full) against tokens, one line per table row.
+
+  rows are evaluation rows with a 'curve' (mor.analysis.contribution_curve); the
+  line is the mean over seeds at each checkpoint, the band min..max. None when no
+  row has a curve.
+  """
+  groups: dict[str, list[list[dict]]] = {}
+  for r in rows:
+    if r.get("curve"):
+      groups.setdefault(r.get("row") or r["name"], []).append(r["curve"])
+  if not groups:
+    return None
+  fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+  for label, cs in groups.items():
+    n = min(len(c) for c in cs)
+    x = np.mean([[p["tokens"] for p in c[:n]] for c in cs], axis=0)
+    y = np.array([[p["gain"] for p in c[:n]] for c in cs])
+    line, = ax.plot(x, y.mean(0), "o-", label=f"{label} (n={len(cs)})", lw=1.4, ms=3)
+    if len(cs) > 1:
+      ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2, lw=0)
+  ax.axhline(0.0, color="black", lw=0.8)
+  ax.set_xlabel("training tokens")
+  ax.set_ylabel("recursion contribution (nats): NLL skipped - full")
+  ax.set_title(title or "what the shared recursions add", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path

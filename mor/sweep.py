@@ -57,18 +57,24 @@ class Run:
 
 
 def make_sweep(configs: Sequence[tuple[str, Config]], flop_budget: float,
-               seeds: int = 1) -> list[Run]:
+               seeds: int = 1, checkpoints: int = 0) -> list[Run]:
   """The runs with one FLOP budget each (and no separate step cap).
 
   seeds > 1: each config runs `seeds` times as NAME@sK with train.seed = data.seed = K
   (a different initialisation AND data order per seed); the table reports their mean
   and spread. seeds == 1 keeps the plain names (seed as configured).
+  checkpoints > 0: keep that many evenly spaced checkpoints (plus the last) so the
+  evaluation can trace the recursion contribution against tokens.
   """
   if seeds < 1:
     raise config_lib.ConfigError(f"seeds={seeds} must be >= 1")
   runs = []
   for name, cfg in configs:
     cfg = config_lib.replace(cfg, train={"flop_budget": float(flop_budget), "steps": 0})
+    if checkpoints:
+      every = max(1, -(-train.num_steps(cfg)[0] // checkpoints))
+      cfg = config_lib.replace(cfg, train={"checkpoint_every": every,
+                                           "keep_checkpoints": checkpoints + 1})
     if seeds == 1:
       runs.append(Run(name, cfg, name, cfg.train.seed))
       continue
@@ -139,8 +145,11 @@ def _task_limit(task: str, limit: int | None) -> int | None:
 
 def evaluate_run(run_: Run, wd: str, data, *, tasks: Sequence[str] = DEFAULT_TASKS,
                  limit: int | None = 40, heldout_batches: int = 8,
-                 batch_size: int = 16) -> dict:
-  """Held-out NLL (causal; plus topk for MoR) and task accuracies of one finished run."""
+                 batch_size: int = 16, curve: bool = True) -> dict:
+  """Held-out NLL (causal; topk for MoR; recursions skipped) and task accuracies of a run.
+
+  curve: also the recursion contribution at every kept checkpoint (`contribution_curve`).
+  """
   from mor.analysis import load_run
   from mor.evals import evaluate_tasks, heldout_nll
   from mor.models import count_params
@@ -161,6 +170,9 @@ def evaluate_run(run_: Run, wd: str, data, *, tasks: Sequence[str] = DEFAULT_TAS
     # the control: the same trained weights with every shared recursion skipped
     out["heldout"]["skip"] = heldout_nll(model, batches, skip_recursions=True)["nll"]
     out["recursion_gain"] = out["heldout"]["skip"] - out["heldout"]["causal"]
+    if curve:
+      from mor.analysis import contribution_curve
+      out["curve"] = contribution_curve(wd, batches)
   tokenizer = getattr(data, "tokenizer", None)
   missing = tasks_available() if tasks else ""
   if tasks and tokenizer is None:
@@ -219,7 +231,7 @@ def run(runs: Sequence[Run], root: str, *, data_factory: Callable = default_data
 TABLES = {
     # main table (Table 3): vanilla, recursive, MoR expert-/token-choice, KV sharing
     "main": ("vanilla", "vanilla_unshared", "recursive2", "recursive3", "mor_ec2", "mor_ec3",
-             "mor_tc3", "mor_ec3_share"),
+             "mor_tc3", "mor_ec3_share", "mor_ec3_st"),
     # parameter-sharing strategies, plain recursive N_r = 3
     "sharing": ("vanilla_unshared", "recursive3_cycle", "recursive3_sequence", "recursive3",
                 "recursive3_middle_sequence"),
@@ -228,7 +240,7 @@ TABLES = {
 }
 REPRODUCE_VARIANTS = TABLES["main"]
 # `--scale cpu` budget, in the paper's convention (forward FLOPs) like every budget here
-CPU_BUDGET = 3.0e12
+CPU_BUDGET = 1.5e12
 CPU_SEEDS = 2
 PAPER_BUDGET = 16.5e18
 
@@ -303,7 +315,8 @@ def variant_sweep(names: Sequence[str], scale: str = "cpu", flop_budget: float |
                   seeds: int = 1) -> list[Run]:
   """Runs for names in config.VARIANTS or 'moe' (with :field=value overrides), one budget."""
   budget = flop_budget or (CPU_BUDGET if scale == "cpu" else PAPER_BUDGET)
-  return make_sweep([parse_variant(v, scale, budget) for v in names], budget, seeds)
+  return make_sweep([parse_variant(v, scale, budget) for v in names], budget, seeds,
+                    checkpoints=4 if scale == "cpu" else 0)
 
 
 def plan(runs: Sequence[Run]) -> list[dict]:
@@ -341,6 +354,9 @@ def write_results(runs: Sequence[Run], root: str, rows: Sequence[dict], out_dir:
     paths.append(plots.plot_loss_groups(
         list(groups.items()), x, os.path.join(out_dir, f"loss_vs_{x}_{stem}.png"),
         f"{stem}: NLL vs {x} (equal FLOP budget; mean of seeds, band = min..max)"))
+  contrib = plots.plot_contribution(rows, os.path.join(out_dir, f"contribution_{stem}.png"),
+                                    f"{stem}: recursion contribution vs tokens")
+  paths += [contrib] if contrib else []
   for p in paths:
     print(f"wrote {p}")
   return paths

@@ -28,7 +28,7 @@ def test_sweep_trains_skips_and_tabulates(tmp_path, monkeypatch):
   """Seeds, the skip control and the tables; catches a seed that shares init or data order."""
   cfgs = [("rec", tiny("recursive")), ("mor", tiny("mor"))]
   budget = 4.5 * _fwd_step(cfgs[0][1])           # paper convention: forward FLOPs
-  runs = sweep.make_sweep(cfgs, budget, seeds=2)
+  runs = sweep.make_sweep(cfgs, budget, seeds=2, checkpoints=2)
   assert [r.name for r in runs] == ["rec@s0", "rec@s1", "mor@s0", "mor@s1"]
   assert all(r.cfg.train.flop_budget == budget and r.cfg.train.steps == 0 for r in runs)
   assert [(r.cfg.train.seed, r.cfg.data.seed) for r in runs[:2]] == [(0, 0), (1, 1)]
@@ -46,6 +46,11 @@ def test_sweep_trains_skips_and_tabulates(tmp_path, monkeypatch):
   assert set(rows[0]["heldout"]) == {"causal", "skip"}
   for r in rows:
     assert r["recursion_gain"] == pytest.approx(r["heldout"]["skip"] - r["heldout"]["causal"])
+    # the contribution curve: one point per kept checkpoint, the last one is the final model
+    assert [p["step"] for p in r["curve"]] == ([2, 4] if r["row"] == "rec" else [3, 5])
+    assert r["curve"][-1]["causal"] == pytest.approx(r["heldout"]["causal"], rel=1e-6)
+    assert r["curve"][-1]["skip"] == pytest.approx(r["heldout"]["skip"], rel=1e-6)
+    assert r["curve"][0]["causal"] != r["curve"][-1]["causal"]
   assert rows[0]["heldout"]["causal"] != rows[1]["heldout"]["causal"]   # seeds differ
 
   again = sweep.run(runs, root, data_factory=ArrayData, heldout_batches=1, tasks=())
@@ -70,7 +75,7 @@ def test_sweep_trains_skips_and_tabulates(tmp_path, monkeypatch):
   assert "MoR expert-choice (mor)" in md
 
   paths = sweep.write_results(runs, root, rows, str(tmp_path / "res"), "t", tasks=())
-  assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 5
+  assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 6   # + contribution
   assert len(plots.curves(sweep.workdir(root, runs[2]))["nll"]) == rows[2]["step"]
 
 

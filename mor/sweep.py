@@ -231,7 +231,7 @@ def run(runs: Sequence[Run], root: str, *, data_factory: Callable = default_data
 TABLES = {
     # main table (Table 3): vanilla, recursive, MoR expert-/token-choice, KV sharing
     "main": ("vanilla", "vanilla_unshared", "recursive2", "recursive3", "mor_ec2", "mor_ec3",
-             "mor_tc3", "mor_ec3_share", "mor_ec3_st"),
+             "mor_tc3", "mor_ec3_share"),
     # parameter-sharing strategies, plain recursive N_r = 3
     "sharing": ("vanilla_unshared", "recursive3_cycle", "recursive3_sequence", "recursive3",
                 "recursive3_middle_sequence"),

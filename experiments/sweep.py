@@ -1,7 +1,13 @@
 """A FLOP-matched sweep of any of the paper's variants (and the MoE baseline).
 
-  python -m experiments.sweep --variants vanilla,mor_ec3,moe --scale cpu --budget 5e12 \
+  python -m experiments.sweep --variants vanilla,mor_ec3,moe --scale cpu --budget 1e12 \
       --root runs/sweep --tasks hellaswag,piqa --limit 40
+
+Any config field is swept by naming it after the variant, e.g. the gate scale alpha and the
+combine rule:
+  --variants mor_ec3:model.router.alpha=0.1,mor_ec3:model.router.alpha=1.0,\
+mor_ec3:model.router.combine=straight_through
+Budgets count FLOPs in each run's train.flop_convention (default: the paper's forward FLOPs).
 
 Each run trains in ROOT/NAME and resumes (finished runs are skipped); results go to
 RESULTS/sweep_SCALE.{csv,md} and loss plots. Multi-host launching: see mor/sweep.py.
@@ -15,10 +21,12 @@ from mor import config, distributed, sweep
 _VARIANTS = flags.DEFINE_list("variants", ["vanilla", "mor_ec3"],
                               f"Any of {', '.join(config.VARIANTS)}, moe.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "135m", "360m", "730m", "1.7b"], "Size.")
-_BUDGET = flags.DEFINE_float("budget", 0.0, "Training FLOPs per run; 0 = the scale's default.")
+_BUDGET = flags.DEFINE_float("budget", 0.0, "FLOPs per run (paper convention: forward); 0 = the "
+                             "scale's default.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Runs per variant (init and data order).")
 _ROOT = flags.DEFINE_string("root", "runs/sweep", "Workdirs root.")
 _RESULTS = flags.DEFINE_string("results", "results", "Folder for tables and plots.")
-_TASKS = flags.DEFINE_list("tasks", list(sweep.DEFAULT_TASKS), "Tasks; empty = NLL only.")
+_TASKS = flags.DEFINE_list("tasks", [], "Tasks (e.g. lambada,hellaswag); empty = NLL only.")
 _LIMIT = flags.DEFINE_integer("limit", 40, "Items per task (MMLU: limit/20 per subject).")
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Train only (e.g. on every cluster host).")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate finished runs; train nothing.")
@@ -28,7 +36,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    runs = sweep.variant_sweep(_VARIANTS.value, _SCALE.value, _BUDGET.value or None)
+    runs = sweep.variant_sweep(_VARIANTS.value, _SCALE.value, _BUDGET.value or None,
+                               _SEEDS.value)
   except config.ConfigError as e:
     raise app.UsageError(str(e)) from None
   distributed.initialize()

@@ -19,16 +19,22 @@ DEPTH_COLORS = ("#f0f0f0", "#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000"
 TOKEN_KINDS = ("word_start", "punctuation", "digit", "other")
 
 
-def load_run(workdir: str):
-  """(model, cfg, step) from the newest checkpoint of workdir, without writing anything."""
+def load_run(workdir: str, step: int | None = None):
+  """(model, cfg, step) from the newest (or the given step's) checkpoint, writing nothing."""
   saved = checkpoint.read_config(workdir)
   cfg = config.from_dict(saved)
   s = train.setup(cfg)
   mngr = checkpoint.manager(workdir, async_save=False)
   try:
     shapes = jax.eval_shape(s.init, jax.random.key(0))
-    # compare against the saved dict itself: a JSON round trip turns tuples into lists
-    state, meta = checkpoint.restore_latest(mngr, shapes, s.state_shardings, saved)
+    if step is None:
+      # compare against the saved dict itself: a JSON round trip turns tuples into lists
+      state, meta = checkpoint.restore_latest(mngr, shapes, s.state_shardings, saved)
+    else:
+      import orbax.checkpoint as ocp
+      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+          checkpoint.abstract_like(shapes, s.state_shardings)))).state
+      meta = {"step": step}
   finally:
     mngr.close()
   return train.model_from_state(s, state), cfg, int(meta["step"])
@@ -40,6 +46,32 @@ def export_checkpoint(workdir: str, folder: str, dtype: str = "float32") -> None
   Lives here, above the trainer, so that mor.interop (below it) never imports mor.train.
   """
   interop.export_llama(load_run(workdir)[0], folder, dtype)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints kept in workdir, oldest first."""
+  mngr = checkpoint.manager(workdir, async_save=False)
+  try:
+    return sorted(int(x) for x in mngr.all_steps())
+  finally:
+    mngr.close()
+
+
+def contribution_curve(workdir: str, batches) -> list[dict]:
+  """What the shared recursions add as training goes on, at every kept checkpoint.
+
+  One dict per step: tokens seen, held-out NLL of the full model (causal routing),
+  with every recursion skipped (prefix and suffix only), and their difference.
+  """
+  from mor.evals.nll import heldout_nll
+  out = []
+  for step in checkpoint_steps(workdir):
+    model, cfg, _ = load_run(workdir, step)
+    full = heldout_nll(model, batches, routing="causal")["nll"]
+    skip = heldout_nll(model, batches, skip_recursions=True)["nll"]
+    out.append({"step": step, "tokens": step * cfg.data.batch_size * cfg.data.seq_len,
+                "causal": full, "skip": skip, "gain": skip - full})
+  return out
 
 
 def load_tokenizer(cfg: config.Config):

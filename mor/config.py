@@ -18,6 +18,8 @@ ROUTINGS = ("expert_choice", "token_choice")
 KV_MODES = ("cache", "share")
 SCHEDULES = ("wsd", "cosine", "constant")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+FLOP_CONVENTIONS = ("paper", "training")   # mor.flops.CONVENTION_FACTOR
+COMBINES = ("reference", "residual", "straight_through")
 UPTRAIN_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
 # xla: causal key blocks skipped (default); xla_dense: one masked S x T product;
 # dot_product: jax.nn.dot_product_attention (cuDNN flash on GPU); splash: Pallas TPU kernel
@@ -47,6 +49,7 @@ class RouterConfig:
   warmup_steps: int = 0               # capacity warm-up (EC) / forced full depth (TC)
   kv: str = "cache"                   # cache | share
   threshold: float = 0.5              # causal decision on sigmoid(logit)
+  combine: str = "reference"          # reference (1+g)H + g delta | residual | straight_through
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
   steps: int = 1000
-  flop_budget: float = 0.0            # stop after this many training FLOPs; 0 = off
+  flop_budget: float = 0.0            # stop after this many FLOPs (flop_convention); 0 = off
+  flop_convention: str = "paper"      # paper: forward FLOPs (as the paper's budgets) | training
   lr: float = 3e-3
   min_lr_ratio: float = 0.0
   schedule: str = "wsd"
@@ -205,6 +209,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.router.kv", r.kv, KV_MODES)
     _choice("model.router.causal", r.causal, ("aux_loss", "aux_router"))
     _choice("model.router.balance", r.balance, ("loss", "loss_free"))
+    _choice("model.router.combine", r.combine, COMBINES)
     gates = ("sigmoid", "tanh") if r.routing == "expert_choice" else ("softmax", "sigmoid")
     _choice("model.router.gate", r.gate, gates)
     if m.sharing not in ("cycle", "middle_cycle"):
@@ -251,6 +256,7 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
   t = cfg.train
   _choice("train.schedule", t.schedule, SCHEDULES)
+  _choice("train.flop_convention", t.flop_convention, FLOP_CONVENTIONS)
   for name in ("lr", "log_every", "grad_accum"):
     _positive(f"train.{name}", getattr(t, name))
   if t.steps < 0 or t.flop_budget < 0:
@@ -382,28 +388,60 @@ def bench_config(name: str, seq_len: int = 512, batch: int = 4, d_model: int = 2
                          train=TrainConfig(steps=100)))
 
 
-# The paper's comparison: name -> (kind, N_r, router overrides).
+# The paper's comparison: name -> (kind, N_r, router overrides, model overrides).
+_TC = {"routing": "token_choice", "gate": "softmax", "alpha": 1.0}
 VARIANTS = {
-    "vanilla": ("vanilla", 1, {}),
-    "recursive2": ("recursive", 2, {}), "recursive3": ("recursive", 3, {}),
-    "recursive4": ("recursive", 4, {}),
-    "mor_ec2": ("mor", 2, {}), "mor_ec3": ("mor", 3, {}), "mor_ec4": ("mor", 4, {}),
-    "mor_ec3_share": ("mor", 3, {"kv": "share"}),
-    "mor_tc3": ("mor", 3, {"routing": "token_choice", "gate": "softmax", "alpha": 1.0}),
+    "vanilla": ("vanilla", 1, {}, {}),
+    # the control: vanilla with only the unshared (first and last) layers of the middle-cycle plan
+    "vanilla_unshared": ("vanilla", 1, {}, {"num_layers": 2}),
+    "recursive2": ("recursive", 2, {}, {}), "recursive3": ("recursive", 3, {}, {}),
+    "recursive4": ("recursive", 4, {}, {}),
+    # sharing-strategy ablation (recursive3 is middle-cycle)
+    "recursive3_cycle": ("recursive", 3, {}, {"sharing": "cycle"}),
+    "recursive3_sequence": ("recursive", 3, {}, {"sharing": "sequence"}),
+    "recursive3_middle_sequence": ("recursive", 3, {}, {"sharing": "middle_sequence"}),
+    "mor_ec2": ("mor", 2, {}, {}), "mor_ec3": ("mor", 3, {}, {}), "mor_ec4": ("mor", 4, {}, {}),
+    "mor_ec3_share": ("mor", 3, {"kv": "share"}, {}),
+    # the combine ablation: full block update forward, router gradient through g
+    "mor_ec3_st": ("mor", 3, {"combine": "straight_through"}, {}),
+    "mor_tc3": ("mor", 3, _TC, {}),
+    "mor_tc3_share": ("mor", 3, {**_TC, "kv": "share"}, {}),
 }
+
+# `--scale cpu`: the shape, data and optimiser chosen so that recursion matters on 2 CPU
+# cores (README "Results"); filled by cpu_config.
+# A small vocabulary and short batches: the LM head is a smaller share of the FLOPs, and a
+# FLOP budget buys more optimiser steps (probes in README "Results").
+CPU_MODEL = dict(vocab_size=2048, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
+                 max_seq_len=64)
+CPU_DATA = dict(seq_len=64, batch_size=8)
+CPU_TRAIN = dict(lr=3e-3, log_every=10, eval_every=0, eval_batches=16, checkpoint_every=0)
+CPU_ROUTER: dict = {}   # router fields every CPU MoR row overrides (e.g. combine)
+CPU_LAYERS = 8
+
+
+def _num_layers(base: int, n_r: int, sharing: str) -> int:
+  """base rounded up so the shared part divides by N_r (the paper's 32 -> 34 for N_r = 4)."""
+  if sharing.startswith("middle_"):
+    return 2 + -(-(base - 2) // n_r) * n_r
+  return -(-base // n_r) * n_r
 
 
 def variant_config(variant: str, scale: str = "cpu", flop_budget: float = 16.5e18) -> Config:
-  """One row of the paper's main table at CPU scale or at a paper size (135m ... 1.7b)."""
+  """One row of the paper's tables at CPU scale or at a paper size (135m ... 1.7b)."""
   _choice("variant", variant, tuple(VARIANTS))
   _choice("scale", scale, ("cpu",) + tuple(_PAPER))
-  kind, n_r, router = VARIANTS[variant]
-  base = 8 if scale == "cpu" else _PAPER[scale][0]
-  # middle-cycle needs N_r | (L - 2): round the shared middle up, as the paper's
-  # N_r = 4 model at 360M does (32 -> 34 layers)
-  layers = 2 + -(-(base - 2) // n_r) * n_r
-  model = dict(kind=kind, num_recursions=n_r, sharing="middle_cycle", num_layers=layers,
-               router=RouterConfig(**router))
-  cfg = (tiny_config(**model) if scale == "cpu" else
-         paper_config(scale, flop_budget=flop_budget, **model))
+  kind, n_r, router, extra = VARIANTS[variant]
+  base = CPU_LAYERS if scale == "cpu" else _PAPER[scale][0]
+  if scale == "cpu" and kind == "mor":
+    router = {**router, **CPU_ROUTER}
+  sharing = extra.get("sharing", "middle_cycle")
+  model = dict(kind=kind, num_recursions=n_r, sharing=sharing,
+               num_layers=_num_layers(base, n_r, sharing), router=RouterConfig(**router))
+  model.update({k: v for k, v in extra.items() if k != "sharing"})
+  if scale == "cpu":
+    cfg = Config(model=ModelConfig(**{**CPU_MODEL, **model}), data=DataConfig(**CPU_DATA),
+                 train=TrainConfig(steps=0, **CPU_TRAIN))
+  else:
+    cfg = paper_config(scale, flop_budget=flop_budget, **model)
   return validate(cfg)

@@ -21,6 +21,17 @@ reported per token:
   count every capacity slot (padding included) of the capacity-based path;
 - LoRA relaxation: 2 * rank * (d_in + d_out) per adapted projection per token
   on every application of a shared block (reported in the `router` column).
+
+Two budget conventions (`train.flop_convention`, `budget_flops_per_token`):
+- "paper" (default): the paper's FLOP budgets (2e18, 5e18, 16.5e18) are FORWARD
+  FLOPs, 2 x parameters per token plus causal attention, norms and activations
+  ignored, MoR counted per depth from its static capacities (perfect balance).
+  That is `forward_flops_per_token(causal=True)`: the matmul terms above are
+  exactly 2 x the block and tied-head parameters that a token passes through.
+  360M vanilla: 849M per token, so 16.5e18 buys 19.4B tokens (the paper's 20B).
+- "training": 3 x that forward (forward + backward), the model FLOPs a training
+  step really costs; the same budget then buys a third of the tokens.
+MFU and throughput always use training FLOPs, whatever the budget convention.
 """
 from __future__ import annotations
 
@@ -149,6 +160,24 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
 
 def train_flops_per_step(cfg: ModelConfig, seq_len: int, batch: int, causal: bool = True) -> float:
   return train_flops_per_token(cfg, seq_len, causal, batch=batch) * seq_len * batch
+
+
+# FLOPs a budget counts per token, by convention (see the module docstring): a
+# multiple of the causal forward count.
+CONVENTION_FACTOR = {"paper": 1.0, "training": 3.0}
+
+
+def budget_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "paper") -> float:
+  """Per-token FLOPs a FLOP budget counts: forward ("paper") or forward + backward ("training")."""
+  if convention not in CONVENTION_FACTOR:
+    raise ValueError(f"flop_convention={convention!r} is not allowed; choose one of "
+                     f"{', '.join(CONVENTION_FACTOR)}")
+  return CONVENTION_FACTOR[convention] * forward_flops_per_token(cfg, seq_len, causal=True)
+
+
+def budget_flops_per_step(cfg: ModelConfig, seq_len: int, batch: int,
+                          convention: str = "paper") -> float:
+  return budget_flops_per_token(cfg, seq_len, convention) * seq_len * batch
 
 
 def summary(cfg: ModelConfig, seq_len: int) -> dict:

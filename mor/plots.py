@@ -1,4 +1,9 @@
-"""Loss curves of a sweep: training NLL against FLOPs and against tokens, all runs in one figure."""
+"""Loss curves of a sweep: training NLL against FLOPs and against tokens, all runs in one figure.
+
+`plot_loss_groups` draws one line per table row: the mean over its seeds with a
+min..max band. Its FLOP axis is forward FLOPs (the paper's convention): the
+metrics log training FLOPs (3 x forward), divided by 3 here.
+"""
 from __future__ import annotations
 
 import os
@@ -52,6 +57,79 @@ def plot_loss(runs: Sequence[tuple[str, str]], x: str, path: str, title: str = "
   ax.set_xlabel("training FLOPs" if x == "flops" else "training tokens")
   ax.set_ylabel("NLL (nats/token; line: train EMA, dots: held-out)")
   ax.set_title(title or f"loss vs {x}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_loss_groups(groups: Sequence[tuple[str, Sequence[str]]], x: str, path: str,
+                     title: str = "", points: int = 200) -> str:
+  """One line per (label, [workdirs of its seeds]): mean smoothed training NLL, min..max band.
+
+  x is 'flops' (forward FLOPs, paper convention) or 'tokens'. Seeds are put on a
+  common grid up to the shortest seed's end; held-out points are their mean.
+  """
+  from mor.flops import CONVENTION_FACTOR
+  scale = 1.0 / CONVENTION_FACTOR["training"] if x == "flops" else 1.0
+  fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+  for label, wds in groups:
+    cs = [c for c in (curves(wd) for wd in wds) if len(c["nll"]) > 1]
+    if not cs:
+      continue
+    end = min(c[x][-1] for c in cs) * scale
+    grid = np.linspace(max(c[x][0] for c in cs) * scale, end, points)
+    ys = np.stack([np.interp(grid, c[x] * scale, smooth(c["nll"])) for c in cs])
+    line, = ax.plot(grid, ys.mean(0), label=f"{label} (n={len(cs)})", lw=1.4)
+    if len(cs) > 1:
+      ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    evs = [c for c in cs if len(c["eval_nll"])]
+    if evs:
+      c = evs[0]
+      ex = np.interp(c["eval_step"], c["step"], c[x]) * scale
+      ey = np.mean([e["eval_nll"][:len(c["eval_nll"])] for e in evs
+                    if len(e["eval_nll"]) >= len(c["eval_nll"])], axis=0)
+      ax.plot(ex, ey, "o", color=line.get_color(), ms=4)
+  ax.set_xlabel("forward FLOPs (paper convention)" if x == "flops" else "training tokens")
+  ax.set_ylabel("NLL (nats/token; line: train EMA, dots: held-out)")
+  ax.set_title(title or f"loss vs {x}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_contribution(rows: Sequence[dict], path: str, title: str = "") -> str | None:
+  """Recursion contribution (NLL skipped - full) against tokens, one line per table row.
+
+  rows are evaluation rows with a 'curve' (mor.analysis.contribution_curve); the
+  line is the mean over seeds at each checkpoint, the band min..max. None when no
+  row has a curve.
+  """
+  groups: dict[str, list[list[dict]]] = {}
+  for r in rows:
+    if r.get("curve"):
+      groups.setdefault(r.get("row") or r["name"], []).append(r["curve"])
+  if not groups:
+    return None
+  fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+  for label, cs in groups.items():
+    n = min(len(c) for c in cs)
+    x = np.mean([[p["tokens"] for p in c[:n]] for c in cs], axis=0)
+    y = np.array([[p["gain"] for p in c[:n]] for c in cs])
+    line, = ax.plot(x, y.mean(0), "o-", label=f"{label} (n={len(cs)})", lw=1.4, ms=3)
+    if len(cs) > 1:
+      ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2, lw=0)
+  ax.axhline(0.0, color="black", lw=0.8)
+  ax.set_xlabel("training tokens")
+  ax.set_ylabel("recursion contribution (nats): NLL skipped - full")
+  ax.set_title(title or "what the shared recursions add", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()

@@ -88,6 +88,50 @@ def token_choice_slots(eligible_BxS: jax.Array, k: int) -> tuple[jax.Array, jax.
 
 
 # ---------------------------------------------------------------------------
+# How a recursion's output enters the hidden state (cfg.router.combine).
+def _update_weight(gate: jax.Array, rule: str) -> jax.Array:
+  """The factor on the block update delta: g (residual) or 1 + g - stop_grad(g) (straight-through).
+
+  Straight-through: the forward value is 1 (the full update, as a plain recursive
+  model applies it), while d/dg is delta, as in the residual rule.
+  """
+  if rule == "straight_through":
+    return 1.0 + gate - jax.lax.stop_gradient(gate)
+  return gate
+
+
+def combine_increment(h_BxKxD: jax.Array, unit_out_BxKxD: jax.Array, gate_BxK: jax.Array,
+                      rule: str = "reference") -> jax.Array:
+  """What expert-choice adds to a kept token's state H, given Unit(H) = H + delta.
+
+  reference:        g * Unit(H)             -> (1 + g) H + g delta  (the reference code)
+  residual:         g * delta               -> H + g delta
+  straight_through: (1 + g - sg(g)) * delta -> H + delta forward; gradient to g is delta
+  """
+  g = gate_BxK[..., None].astype(unit_out_BxKxD.dtype)
+  if rule == "reference":
+    return g * unit_out_BxKxD
+  if rule not in ("residual", "straight_through"):
+    raise ValueError(f"model.router.combine={rule!r}; choose reference, residual or "
+                     "straight_through")
+  return _update_weight(g, rule) * (unit_out_BxKxD - h_BxKxD)
+
+
+def tc_output(h1_BxSxD: jax.Array, state_BxSxD: jax.Array, gate_BxS: jax.Array,
+              rule: str = "reference") -> jax.Array:
+  """Token-choice output from H1 (prefix output) and S (state after the token's recursions).
+
+  With delta = S - H1 (everything the recursions added), the same three rules:
+  reference H1 + g S (the reference code), residual H1 + g delta, straight-through
+  S forward with gradient delta to g. A token of depth 0 would keep H1 under all three.
+  """
+  g = gate_BxS[..., None].astype(h1_BxSxD.dtype)
+  if rule == "reference":
+    return h1_BxSxD + g * state_BxSxD
+  return h1_BxSxD + combine_increment(h1_BxSxD, state_BxSxD, gate_BxS, rule)
+
+
+# ---------------------------------------------------------------------------
 # Losses and statistics.
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   mask = mask.astype(jnp.float32)

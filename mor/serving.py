@@ -364,7 +364,7 @@ def _io(eng: Engine, model, st: EngineState) -> EngineState:
   # Exit: suffix, head, sample.
   x_ExD = g(sl.h_SxD)
   if eng.kind == "tc":
-    x_ExD = g(sl.h1_SxD) + g(sl.gate_S)[:, None].astype(x_ExD.dtype) * x_ExD
+    x_ExD = R.tc_output(g(sl.h1_SxD), x_ExD, g(sl.gate_S), model.cfg.router.combine)
   x = x_ExD[:, None]
   suffix = list(st.suffix)
   for i, b in enumerate(eng.plan.suffix):
@@ -458,7 +458,7 @@ def _unit_pass(eng: Engine, model, st: EngineState) -> EngineState:
   out_SxD = x[:, 0]
   upd_S = run_S & sl.upd_S
   if eng.kind == "ec":
-    inc = sl.gate_S[:, None].astype(out_SxD.dtype) * out_SxD
+    inc = R.combine_increment(sl.h_SxD, out_SxD, sl.gate_S, model.cfg.router.combine)
     h_SxD = sl.h_SxD + jnp.where(upd_S[:, None], inc, 0)
   else:
     h_SxD = jnp.where(upd_S[:, None], out_SxD, sl.h_SxD)

@@ -41,19 +41,47 @@ from mor.config import Config
 from mor.report import DEFAULT_TASKS  # re-exported; report must never import sweep
 
 HELDOUT_ROUTINGS = ("causal", "topk")
+EVAL_VERSION = 2   # bump when evaluate_run's row changes, so cached eval.json is redone
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
   cfg: Config
+  row: str = ""        # the table row this run is a seed of ("" = its own name)
+  seed: int = 0
+
+  @property
+  def row_name(self) -> str:
+    return self.row or self.name
 
 
-def make_sweep(configs: Sequence[tuple[str, Config]], flop_budget: float) -> list[Run]:
-  """The runs with one FLOP budget each (and no separate step cap)."""
-  return [Run(name, config_lib.replace(cfg, train={"flop_budget": float(flop_budget),
-                                                    "steps": 0}))
-          for name, cfg in configs]
+def make_sweep(configs: Sequence[tuple[str, Config]], flop_budget: float,
+               seeds: int = 1, checkpoints: int = 0) -> list[Run]:
+  """The runs with one FLOP budget each (and no separate step cap).
+
+  seeds > 1: each config runs `seeds` times as NAME@sK with train.seed = data.seed = K
+  (a different initialisation AND data order per seed); the table reports their mean
+  and spread. seeds == 1 keeps the plain names (seed as configured).
+  checkpoints > 0: keep that many evenly spaced checkpoints (plus the last) so the
+  evaluation can trace the recursion contribution against tokens.
+  """
+  if seeds < 1:
+    raise config_lib.ConfigError(f"seeds={seeds} must be >= 1")
+  runs = []
+  for name, cfg in configs:
+    cfg = config_lib.replace(cfg, train={"flop_budget": float(flop_budget), "steps": 0})
+    if checkpoints:
+      every = max(1, -(-train.num_steps(cfg)[0] // checkpoints))
+      cfg = config_lib.replace(cfg, train={"checkpoint_every": every,
+                                           "keep_checkpoints": checkpoints + 1})
+    if seeds == 1:
+      runs.append(Run(name, cfg, name, cfg.train.seed))
+      continue
+    for k in range(seeds):
+      runs.append(Run(f"{name}@s{k}", config_lib.replace(cfg, train={"seed": k}, data={"seed": k}),
+                      name, k))
+  return runs
 
 
 def workdir(root: str, run_: Run) -> str:
@@ -117,14 +145,20 @@ def _task_limit(task: str, limit: int | None) -> int | None:
 
 def evaluate_run(run_: Run, wd: str, data, *, tasks: Sequence[str] = DEFAULT_TASKS,
                  limit: int | None = 40, heldout_batches: int = 8,
-                 batch_size: int = 16) -> dict:
-  """Held-out NLL (causal; plus topk for MoR) and task accuracies of one finished run."""
+                 batch_size: int = 16, curve: bool = True) -> dict:
+  """Held-out NLL (causal; topk for MoR; recursions skipped) and task accuracies of a run.
+
+  curve: also the recursion contribution at every kept checkpoint (`contribution_curve`).
+  """
   from mor.analysis import load_run
   from mor.evals import evaluate_tasks, heldout_nll
   from mor.models import count_params
+  from mor import flops as flops_lib
   model, cfg, step = load_run(wd)
-  per_step = train.num_steps(cfg)[1]
-  out = {"name": run_.name, "kind": cfg.model.kind, "step": step,
+  per_step = flops_lib.budget_flops_per_step(cfg.model, cfg.data.seq_len, cfg.data.batch_size,
+                                             cfg.train.flop_convention)
+  out = {"name": run_.name, "row": run_.row_name, "seed": run_.seed,
+         "flop_convention": cfg.train.flop_convention, "kind": cfg.model.kind, "step": step,
          "num_recursions": cfg.model.num_recursions if cfg.model.kind in ("recursive", "mor")
          else 1, "unique_params": count_params(model)["unique_non_embedding"],
          "flops": per_step * step, "tokens": step * cfg.data.batch_size * cfg.data.seq_len,
@@ -132,6 +166,13 @@ def evaluate_run(run_: Run, wd: str, data, *, tasks: Sequence[str] = DEFAULT_TAS
   batches = data.eval_batches(heldout_batches)
   for r in HELDOUT_ROUTINGS if cfg.model.kind == "mor" else ("causal",):
     out["heldout"][r] = heldout_nll(model, batches, routing=r)["nll"]
+  if cfg.model.kind in ("recursive", "mor"):
+    # the control: the same trained weights with every shared recursion skipped
+    out["heldout"]["skip"] = heldout_nll(model, batches, skip_recursions=True)["nll"]
+    out["recursion_gain"] = out["heldout"]["skip"] - out["heldout"]["causal"]
+    if curve:
+      from mor.analysis import contribution_curve
+      out["curve"] = contribution_curve(wd, batches)
   tokenizer = getattr(data, "tokenizer", None)
   missing = tasks_available() if tasks else ""
   if tasks and tokenizer is None:
@@ -152,7 +193,8 @@ def evaluate_all(runs: Sequence[Run], root: str, data_factory: Callable = defaul
                  heldout_batches: int = 8, log: Callable = print) -> list[dict]:
   """One result dict per finished run; cached in ROOT/NAME/eval.json per settings."""
   rows = []
-  key = {"tasks": list(tasks), "limit": limit, "heldout_batches": heldout_batches}
+  key = {"tasks": list(tasks), "limit": limit, "heldout_batches": heldout_batches,
+         "version": EVAL_VERSION}
   for r in runs:
     wd = workdir(root, r)
     if not is_finished(root, r):
@@ -164,8 +206,9 @@ def evaluate_all(runs: Sequence[Run], root: str, data_factory: Callable = defaul
       rows.append(cached["row"])
       continue
     log(f"[sweep] {r.name}: evaluating")
-    row = evaluate_run(r, wd, data_factory(r.cfg), tasks=tasks, limit=limit,
-                       heldout_batches=heldout_batches)
+    # held-out batches from seed 0's data: every seed of a row is scored on the same text
+    row = evaluate_run(r, wd, data_factory(config_lib.replace(r.cfg, data={"seed": 0})),
+                       tasks=tasks, limit=limit, heldout_batches=heldout_batches)
     if jax.process_index() == 0:
       with open(path, "w") as f:
         json.dump({"key": key, "row": row}, f, indent=1)
@@ -184,18 +227,29 @@ def run(runs: Sequence[Run], root: str, *, data_factory: Callable = default_data
 
 
 # ---------------------------------------------------------------------------
-# The paper's main-table comparison (Bae et al. 2025, Table 3) as a sweep.
-REPRODUCE_VARIANTS = ("vanilla", "recursive2", "recursive3", "mor_ec2", "mor_ec3", "mor_tc3",
-                      "mor_ec3_share")
-CPU_BUDGET = 1.5e13       # ~30 min for all eight runs on 2 idle cores (measured step times)
+# The paper's tables (Bae et al. 2025) as sweeps, each with the unshared-layers control.
+TABLES = {
+    # main table (Table 3): vanilla, recursive, MoR expert-/token-choice, KV sharing
+    "main": ("vanilla", "vanilla_unshared", "recursive2", "recursive3", "mor_ec2", "mor_ec3",
+             "mor_tc3", "mor_ec3_share"),
+    # parameter-sharing strategies, plain recursive N_r = 3
+    "sharing": ("vanilla_unshared", "recursive3_cycle", "recursive3_sequence", "recursive3",
+                "recursive3_middle_sequence"),
+    # recursion-wise KV caching vs recursive KV sharing, expert- and token-choice
+    "kv": ("vanilla_unshared", "mor_ec3", "mor_ec3_share", "mor_tc3", "mor_tc3_share"),
+}
+REPRODUCE_VARIANTS = TABLES["main"]
+# `--scale cpu` budget, in the paper's convention (forward FLOPs) like every budget here
+CPU_BUDGET = 1.5e12
+CPU_SEEDS = 2
 PAPER_BUDGET = 16.5e18
 
 
 def moe_config(scale: str = "cpu", flop_budget: float = PAPER_BUDGET) -> Config:
   """Top-2 of 4 half-width experts in every other layer: vanilla's FLOPs per token."""
-  from mor.config import MoEConfig, paper_config, tiny_config
+  from mor.config import MoEConfig, paper_config
   if scale == "cpu":
-    cfg = tiny_config("moe")
+    cfg = config_lib.replace(config_lib.variant_config("vanilla", "cpu"), model={"kind": "moe"})
   else:
     cfg = paper_config(scale, kind="moe", flop_budget=flop_budget)
   moe = MoEConfig(num_experts=4, router="top2", top_k=2, every=2,
@@ -203,55 +257,106 @@ def moe_config(scale: str = "cpu", flop_budget: float = PAPER_BUDGET) -> Config:
   return config_lib.replace(cfg, model={"moe": config_lib.to_dict(moe)})
 
 
-def reproduce_sweep(scale: str = "cpu", flop_budget: float | None = None) -> list[Run]:
-  """vanilla, recursive N_r=2/3, MoR EC N_r=2/3, MoR TC N_r=3, MoR EC + KV sharing, MoE.
+def reproduce_sweep(scale: str = "cpu", flop_budget: float | None = None,
+                    seeds: int | None = None, table: str = "main") -> list[Run]:
+  """One of TABLES ('main': the paper's Table 3 with the control) at a scale.
 
-  scale is 'cpu' or a paper size (135m, 360m, 730m, 1.7b).
+  scale is 'cpu' or a paper size (135m, 360m, 730m, 1.7b); seeds default to
+  CPU_SEEDS at CPU scale and 1 at paper scale.
   """
-  return variant_sweep([*REPRODUCE_VARIANTS, "moe"], scale, flop_budget)
+  config_lib._choice("table", table, tuple(TABLES))
+  seeds = seeds or (CPU_SEEDS if scale == "cpu" else 1)
+  return variant_sweep(TABLES[table], scale, flop_budget, seeds)
 
 
-def variant_sweep(names: Sequence[str], scale: str = "cpu",
-                  flop_budget: float | None = None) -> list[Run]:
-  """Runs for names in config.VARIANTS or 'moe', at one budget (default: the scale's)."""
-  bad = [v for v in names if v != "moe" and v not in config_lib.VARIANTS]
-  if bad:
-    raise config_lib.ConfigError(f"variant {bad[0]!r} is not allowed; choose one of "
+def parse_variant(spec: str, scale: str, flop_budget: float) -> tuple[str, Config]:
+  """'NAME' or 'NAME:section.field=value:...' (e.g. mor_ec3:model.router.alpha=1.0).
+
+  Any config field can be swept this way; the run is named after the whole spec.
+  """
+  name, *sets = spec.split(":")
+  if name == "moe":
+    cfg = moe_config(scale, flop_budget)
+  elif name in config_lib.VARIANTS:
+    cfg = config_lib.variant_config(name, scale, flop_budget)
+  else:
+    raise config_lib.ConfigError(f"variant {name!r} is not allowed; choose one of "
                                  f"{', '.join(config_lib.VARIANTS)}, moe")
+  for item in sets:
+    path, eq, value = item.partition("=")
+    section, _, field = path.partition(".")
+    if not eq or not field:
+      raise config_lib.ConfigError(f"override {item!r} must look like section.field=value")
+    nested: dict = {}
+    cur = nested
+    *parents, leaf = field.split(".")
+    for p in parents:
+      cur = cur.setdefault(p, {})
+    cur[leaf] = _parse_value(value)
+    if section not in ("model", "data", "train", "mesh", "uptrain"):
+      raise config_lib.ConfigError(f"override {item!r}: unknown section {section!r}")
+    cfg = config_lib.replace(cfg, **{section: nested})
+  return spec, cfg
+
+
+def _parse_value(text: str):
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def variant_sweep(names: Sequence[str], scale: str = "cpu", flop_budget: float | None = None,
+                  seeds: int = 1) -> list[Run]:
+  """Runs for names in config.VARIANTS or 'moe' (with :field=value overrides), one budget."""
   budget = flop_budget or (CPU_BUDGET if scale == "cpu" else PAPER_BUDGET)
-  cfgs = [(v, moe_config(scale, budget) if v == "moe" else
-           config_lib.variant_config(v, scale, budget)) for v in names]
-  return make_sweep(cfgs, budget)
+  return make_sweep([parse_variant(v, scale, budget) for v in names], budget, seeds,
+                    checkpoints=4 if scale == "cpu" else 0)
 
 
 def plan(runs: Sequence[Run]) -> list[dict]:
   """What each run will do (no compute: parameters counted on the abstract model)."""
   from flax import nnx
+  from mor import flops as flops_lib
   from mor.models import build_model, count_params
   out = []
   for r in runs:
-    steps, per_step = train.num_steps(r.cfg)
-    model = nnx.eval_shape(lambda c=r.cfg.model: build_model(c, nnx.Rngs(0)))
-    out.append({"name": r.name, "kind": r.cfg.model.kind, "layers": r.cfg.model.num_layers,
-                "N_r": r.cfg.model.num_recursions if r.cfg.model.kind in ("recursive", "mor")
-                else 1,
+    c = r.cfg
+    steps, per_step = train.num_steps(c)
+    model = nnx.eval_shape(lambda m=c.model: build_model(m, nnx.Rngs(0)))
+    budget_per_step = flops_lib.budget_flops_per_step(c.model, c.data.seq_len,
+                                                      c.data.batch_size, c.train.flop_convention)
+    out.append({"name": r.name, "kind": c.model.kind, "layers": c.model.num_layers,
+                "N_r": c.model.num_recursions if c.model.kind in ("recursive", "mor") else 1,
                 "unique_params": count_params(model)["unique_non_embedding"],
-                "steps": steps, "flops_per_step": per_step,
-                "tokens": steps * r.cfg.data.batch_size * r.cfg.data.seq_len})
+                "steps": steps, "flop_convention": c.train.flop_convention,
+                "budget_flops_per_step": budget_per_step, "train_flops_per_step": per_step,
+                "tokens": steps * c.data.batch_size * c.data.seq_len})
   return out
 
 
 def write_results(runs: Sequence[Run], root: str, rows: Sequence[dict], out_dir: str,
                   stem: str, tasks: Sequence[str] = DEFAULT_TASKS) -> list[str]:
-  """Tables (CSV, Markdown) and the two loss plots; process 0 only."""
+  """Tables (CSV, Markdown; mean and spread over seeds) and the two loss plots; process 0 only."""
   from mor import plots, report
   if jax.process_index() != 0:
     return []
   paths = list(report.write_tables(rows, out_dir, stem, tasks)) if rows else []
-  curves = [(r.name, workdir(root, r)) for r in runs]
+  groups: dict[str, list[str]] = {}
+  for r in runs:
+    groups.setdefault(r.row_name, []).append(workdir(root, r))
   for x in ("flops", "tokens"):
-    paths.append(plots.plot_loss(curves, x, os.path.join(out_dir, f"loss_vs_{x}_{stem}.png"),
-                                 f"{stem}: NLL vs training {x} (equal FLOP budget)"))
+    paths.append(plots.plot_loss_groups(
+        list(groups.items()), x, os.path.join(out_dir, f"loss_vs_{x}_{stem}.png"),
+        f"{stem}: NLL vs {x} (equal FLOP budget; mean of seeds, band = min..max)"))
+  contrib = plots.plot_contribution(rows, os.path.join(out_dir, f"contribution_{stem}.png"),
+                                    f"{stem}: recursion contribution vs tokens")
+  paths += [contrib] if contrib else []
   for p in paths:
     print(f"wrote {p}")
   return paths

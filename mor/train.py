@@ -220,11 +220,17 @@ def make_eval_step(graphdef) -> Callable:
 
 
 def num_steps(cfg: Config) -> tuple[int, float]:
-  """Steps to run and training FLOPs per step; a FLOP budget caps the step count."""
+  """Steps to run and training FLOPs per step; a FLOP budget caps the step count.
+
+  The budget counts FLOPs in cfg.train.flop_convention (default "paper": forward
+  FLOPs, as the paper's budgets do; see mor.flops).
+  """
   per_step = flops.train_flops_per_step(cfg.model, cfg.data.seq_len, cfg.data.batch_size)
   steps = cfg.train.steps
   if cfg.train.flop_budget > 0:
-    budget_steps = int(cfg.train.flop_budget // per_step)
+    budget_per_step = flops.budget_flops_per_step(cfg.model, cfg.data.seq_len,
+                                                  cfg.data.batch_size, cfg.train.flop_convention)
+    budget_steps = int(cfg.train.flop_budget // budget_per_step)
     steps = min(steps, budget_steps) if steps else budget_steps
   return steps, per_step
 

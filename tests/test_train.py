@@ -68,7 +68,7 @@ def test_loop_lowers_loss_and_writes_metrics(tmp_path):
 def test_flop_budget_stops_where_it_should(tmp_path):
   cfg = tiny_cfg(steps=0)
   per_step = train.num_steps(cfg)[1]
-  cfg = tiny_cfg(steps=0, flop_budget=7.5 * per_step)
+  cfg = tiny_cfg(steps=0, flop_budget=7.5 * per_step, flop_convention="training")
   out = train.run(cfg, str(tmp_path), data=ArrayData(cfg))
   assert out["step"] == 7
   assert out["flops_spent"] <= cfg.train.flop_budget < out["flops_spent"] + per_step

@@ -8,16 +8,20 @@ results are scattered back; compute for tokens that left is never spent.
 
 Expert-choice, hierarchical: step r scores the k_{r-1} survivors of step r-1,
 keeps the top k_r per sequence (re-sorted into original order) and updates
-them as the reference code does (`ec_increment`):
+them by cfg.router.combine (`ec_increment`, mor.routers.combine_increment);
+the default is the reference code's update
     H[sel] <- H[sel] + g * Unit(H[sel]),   g = alpha * sigmoid(logit / T),
 where Unit includes its residual, so a kept token becomes (1 + g) H + g delta.
-Tokens not kept keep their state.
+Ablations: 'residual' H + g delta; 'straight_through' H + delta in the forward
+pass with the router's gradient through g. Tokens not kept keep their state.
 
 Token-choice: the router on the prefix output H1 assigns depth i per token.
 Recursion r runs the unit (no gate) on tokens of depth >= r that recursion
 r-1 processed, in k_r static slots; the earliest tokens win a slot, the rest
 are dropped (they stop recursing) and counted. Output, as in the reference:
-    final = H1 + g_i * S_i,   S_i = state after the token's realised recursions.
+    final = H1 + g_i * S_i,   S_i = state after the token's realised recursions
+(combine 'reference'; 'residual' and 'straight_through' apply the same rules to
+delta = S_i - H1, see mor.routers.tc_output).
 
 KV modes (cfg.router.kv). 'cache': attention at step r is among that step's
 active tokens only. 'share': recursion 1 runs the unit over the full sequence
@@ -57,14 +61,13 @@ from mor.models.transformer import Transformer, default_positions
 
 
 def ec_increment(h_sel_BxKxD: jax.Array, unit_out_BxKxD: jax.Array,
-                 gate_BxK: jax.Array) -> jax.Array:
-  """What expert-choice scatter-adds to a kept token's state.
+                 gate_BxK: jax.Array, combine: str = "reference") -> jax.Array:
+  """What expert-choice scatter-adds to a kept token's state (mor.routers.combine_increment).
 
-  Reference formulation (used): H + g * Unit(H), Unit with its residual. The
-  cleaner alternative H + g * (Unit(H) - H) would add g * (unit_out - h_sel).
+  reference (default): g * Unit(H), Unit with its residual -> (1 + g) H + g delta;
+  residual: g * delta; straight_through: delta forward, gradient delta to g.
   """
-  del h_sel_BxKxD
-  return gate_BxK[..., None].astype(unit_out_BxKxD.dtype) * unit_out_BxKxD
+  return R.combine_increment(h_sel_BxKxD, unit_out_BxKxD, gate_BxK, combine)
 
 
 def _take(x_BxS: jax.Array, idx_BxK: jax.Array) -> jax.Array:
@@ -238,7 +241,7 @@ class MoRTransformer(Transformer):
       out_BxKxD, shared = self._unit_on(h_BxSxD, x_sel_BxKxD, idx_BxK, keep_BxK, pos_BxS, shared,
                                         r)
       h_BxSxD = _scatter(h_BxSxD, idx_BxK, keep_BxK,
-                         ec_increment(x_sel_BxKxD, out_BxKxD, gate_BxK), add=True)
+                         ec_increment(x_sel_BxKxD, out_BxKxD, gate_BxK, rc.combine), add=True)
       depth_BxS = _scatter(depth_BxS, idx_BxK, keep_BxK, 1, add=True)
       cand_idx_BxC, cand_valid_BxC = idx_BxK, keep_BxK
 
@@ -278,7 +281,7 @@ class MoRTransformer(Transformer):
                                         shared, r)
       state_BxSxD = _scatter(state_BxSxD, idx_BxK, keep_BxK, out_BxKxD, add=False)
       depth_BxS += processed_BxS
-    h_BxSxD = h1_BxSxD + gate_BxS[..., None].astype(h1_BxSxD.dtype) * state_BxSxD
+    h_BxSxD = R.tc_output(h1_BxSxD, state_BxSxD, gate_BxS, self.cfg.router.combine)
 
     stats = self._depth_stats(depth_BxS)
     assigned_N = R.assigned_fractions(tc.depth_BxS, n)  # the router's own choice, pre-forcing

@@ -150,7 +150,7 @@ def _expert_choice(model, h_BxSxD, pos_BxS, rec):
     go_BxS, gate_BxS = ec_decision(model, r, h_BxSxD)
     go_BxS &= active_BxS
     out_BxSxD, rec = _step(model, r, h_BxSxD, pos_BxS, rec, go_BxS)
-    inc = gate_BxS[..., None].astype(out_BxSxD.dtype) * out_BxSxD
+    inc = R.combine_increment(h_BxSxD, out_BxSxD, gate_BxS, model.cfg.router.combine)
     h_BxSxD = h_BxSxD + jnp.where(go_BxS[..., None], inc, 0)
     depth_BxS += go_BxS
     active_BxS = go_BxS
@@ -166,7 +166,7 @@ def _token_choice(model, h1_BxSxD, pos_BxS, rec):
     out_BxSxD, rec = _step(model, r, state_BxSxD, pos_BxS, rec, go_BxS)
     state_BxSxD = jnp.where(go_BxS[..., None], out_BxSxD, state_BxSxD)
     depth_BxS += go_BxS
-  h_BxSxD = h1_BxSxD + tc.gate_BxS[..., None].astype(h1_BxSxD.dtype) * state_BxSxD
+  h_BxSxD = R.tc_output(h1_BxSxD, state_BxSxD, tc.gate_BxS, model.cfg.router.combine)
   return h_BxSxD, depth_BxS, rec
 
 

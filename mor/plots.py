@@ -18,6 +18,17 @@ import numpy as np  # noqa: E402
 from mor import metrics as metrics_lib  # noqa: E402
 
 
+def _save(fig, ax, path: str) -> str:
+  """Grid, legend and layout shared by every plot here; writes path (folders made) and closes fig."""
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def curves(workdir: str) -> dict[str, np.ndarray]:
   """Training rows (step, flops, tokens, nll) and eval rows (step, eval_nll) of a run."""
   rows = metrics_lib.read_metrics(workdir) if os.path.exists(
@@ -57,13 +68,7 @@ def plot_loss(runs: Sequence[tuple[str, str]], x: str, path: str, title: str = "
   ax.set_xlabel("training FLOPs" if x == "flops" else "training tokens")
   ax.set_ylabel("NLL (nats/token; line: train EMA, dots: held-out)")
   ax.set_title(title or f"loss vs {x}")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, path)
 
 
 def plot_loss_groups(groups: Sequence[tuple[str, Sequence[str]]], x: str, path: str,
@@ -96,13 +101,7 @@ def plot_loss_groups(groups: Sequence[tuple[str, Sequence[str]]], x: str, path: 
   ax.set_xlabel("forward FLOPs (paper convention)" if x == "flops" else "training tokens")
   ax.set_ylabel("NLL (nats/token; line: train EMA, dots: held-out)")
   ax.set_title(title or f"loss vs {x}", fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, path)
 
 
 def plot_contribution(rows: Sequence[dict], path: str, title: str = "") -> str | None:
@@ -130,10 +129,4 @@ def plot_contribution(rows: Sequence[dict], path: str, title: str = "") -> str |
   ax.set_xlabel("training tokens")
   ax.set_ylabel("recursion contribution (nats): NLL skipped - full")
   ax.set_title(title or "what the shared recursions add", fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, path)

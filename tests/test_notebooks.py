@@ -45,8 +45,9 @@ def test_notebook_runs(path, mor_run, monkeypatch):
   monkeypatch.setenv("MOR_TOKENS", str(mor_run / "tokens.npy"))
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  # the kernel is a fresh process: no fake devices from conftest, one CPU device
-  monkeypatch.setenv("XLA_FLAGS", "")
+  # the kernel is a fresh process: no fake devices from conftest, one CPU device; LLVM at
+  # level 0 as in conftest (the kernel compiles a dozen functions and runs them once)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": ROOT}})

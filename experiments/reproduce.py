@@ -32,7 +32,8 @@ _BUDGET = flags.DEFINE_float("budget", 0.0, "Forward (paper-convention) FLOPs pe
                              "scale's default.")
 _LIMIT = flags.DEFINE_integer("limit", 40, "Items per task (MMLU: limit/20 per subject).")
 _TASKS = flags.DEFINE_list("tasks", [], "Tasks (e.g. lambada,hellaswag); empty = NLL only.")
-_HELDOUT = flags.DEFINE_integer("heldout_batches", 32, "Held-out batches per evaluation.")
+_HELDOUT = flags.DEFINE_integer("heldout_batches", sweep.HELDOUT_BATCHES,
+                                "Held-out batches per evaluation.")
 _RUN = flags.DEFINE_bool("run", False, "At paper scale: train (default: print the plan).")
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Train only (e.g. on every cluster host).")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate finished runs; train nothing.")

@@ -10,7 +10,8 @@ mor_ec3:model.router.combine=straight_through
 Budgets count FLOPs in each run's train.flop_convention (default: the paper's forward FLOPs).
 
 Each run trains in ROOT/NAME and resumes (finished runs are skipped); results go to
-RESULTS/STEM.{csv,md} (STEM: --stem, default sweep_SCALE) and loss plots. Multi-host launching: see mor/sweep.py.
+RESULTS/STEM.{csv,md} (STEM: --stem, default sweep_SCALE) and loss plots. Multi-host
+launching: see mor/sweep.py.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ _RESULTS = flags.DEFINE_string("results", "results", "Folder for tables and plot
 _STEM = flags.DEFINE_string("stem", "", "Name of the results files; '' = sweep_SCALE.")
 _TASKS = flags.DEFINE_list("tasks", [], "Tasks (e.g. lambada,hellaswag); empty = NLL only.")
 _LIMIT = flags.DEFINE_integer("limit", 40, "Items per task (MMLU: limit/20 per subject).")
-_HELDOUT = flags.DEFINE_integer("heldout_batches", 32, "Held-out batches per evaluation (as "
-                                "experiments.reproduce, so sweep rows compare with its tables).")
+_HELDOUT = flags.DEFINE_integer("heldout_batches", sweep.HELDOUT_BATCHES,
+                                "Held-out batches per evaluation (as experiments.reproduce).")
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Train only (e.g. on every cluster host).")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate finished runs; train nothing.")
 
@@ -49,8 +50,7 @@ def main(argv):
                   train_runs=not _EVAL_ONLY.value, tasks=tasks, limit=_LIMIT.value or None,
                   heldout_batches=_HELDOUT.value)
   sweep.write_results(runs, _ROOT.value, out["rows"], _RESULTS.value,
-                      _STEM.value or f"sweep_{_SCALE.value}",
-                      tasks)
+                      _STEM.value or f"sweep_{_SCALE.value}", tasks)
 
 
 if __name__ == "__main__":

@@ -242,6 +242,8 @@ REPRODUCE_VARIANTS = TABLES["main"]
 # `--scale cpu` budget, in the paper's convention (forward FLOPs) like every budget here
 CPU_BUDGET = 1.5e12
 CPU_SEEDS = 2
+# held-out batches the entry points score every table and sweep row on, so rows compare
+HELDOUT_BATCHES = 32
 PAPER_BUDGET = 16.5e18
 
 

@@ -148,7 +148,7 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_every: int = 0           # 0 = only at the end
   keep_checkpoints: int = 2
-  peak_flops: float = 0.0             # per device; 0 = measure the matmul peak at start
+  peak_flops: float = 0.0             # per device; 0 = table peak, or CPU matmul rate re-measured
   tensorboard: bool = True            # also write DIR's scalars as TensorBoard event files
   wandb: str = ""                     # Weights & Biases project; "" = off (wandb not needed)
 

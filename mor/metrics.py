@@ -177,17 +177,52 @@ def matmul_flop_rate(n: int = 2048, repeats: int = 8) -> list[float]:
   return rates
 
 
+def accelerator_peak() -> float:
+  """The first device's table peak (dense bf16 FLOP/s), or 0.0 when it has none (CPU)."""
+  kind = str(getattr(jax.devices()[0], "device_kind", "")).lower()
+  return next((peak for name, peak in ACCELERATOR_PEAKS.items() if name.lower() in kind), 0.0)
+
+
 def peak_flops_per_device(repeats: int = 8) -> float:
   """The accelerator's table peak, or on CPU the median measured f32 matmul rate.
 
   The median of several runs (not the best) so that one lucky or unlucky sample
   on a shared host does not move MFU; benchmarks that need a comparable number
-  measure it beside each timing (mor.bench) or pin it (train.peak_flops).
+  measure it beside each timing (mor.bench), training re-measures it (PeakMeter),
+  or it is pinned (train.peak_flops).
   """
-  dev = jax.devices()[0]
-  for name, peak in ACCELERATOR_PEAKS.items():
-    if name.lower() in str(getattr(dev, "device_kind", "")).lower():
-      return peak
+  table = accelerator_peak()
+  if table:
+    return table
   host = float(np.median(matmul_flop_rate(repeats=repeats)))
   # fake CPU devices share the host's cores: each gets its share of the peak
-  return host / (jax.local_device_count() if dev.platform == "cpu" else 1)
+  return host / jax.local_device_count()
+
+
+# seconds between two CPU peak measurements during training (tests set it to 0)
+PEAK_RESAMPLE_S = 60.0
+
+
+class PeakMeter:
+  """Per-device peak FLOP/s for a training run's MFU, kept current on a shared CPU.
+
+  pinned > 0 (train.peak_flops) or an accelerator's table peak is returned as is.
+  On CPU the matmul rate moves with the host's load (107-194 GFLOP/s within one
+  run has been seen), so a peak measured once at start-up makes MFU drift, even
+  above 1. Calling the meter at a log line re-measures the rate (the median of 3
+  matmuls, ~0.1-0.5 s) when PEAK_RESAMPLE_S have passed since the last sample, so
+  each window's MFU is against a rate taken beside it at under 1% overhead.
+  """
+
+  def __init__(self, pinned: float = 0.0, clock=time.monotonic):
+    self.fixed = pinned or accelerator_peak()
+    self.clock, self.value, self.taken, self.samples = clock, 0.0, None, 0
+
+  def __call__(self) -> float:
+    if self.fixed:
+      return self.fixed
+    now = self.clock()
+    if self.taken is None or now - self.taken >= PEAK_RESAMPLE_S:
+      self.value = peak_flops_per_device(repeats=3)
+      self.taken, self.samples = self.clock(), self.samples + 1
+    return self.value

@@ -329,7 +329,7 @@ def _log_line(s: Setup, m: dict, done: int, dt: float, peak: float) -> dict:
   row = {k: metrics_lib._to_python(v) for k, v in m.items()}
   row.update(perplexity=math.exp(min(row["nll"], 50)), step_time_s=dt,
              tokens_per_s=tokens_per_step / dt, tflops_per_s=s.flops_per_step / dt / 1e12,
-             mfu=s.flops_per_step / dt / (peak * jax.device_count()),
+             mfu=s.flops_per_step / dt / (peak * jax.device_count()), peak_flops=peak,
              flops_spent=s.flops_per_step * done, tokens_seen=tokens_per_step * done)
   return row
 
@@ -362,7 +362,7 @@ def run(cfg: Config, workdir: str, data=None) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg_dict, f, indent=1)
   progress = metrics_lib.Progress(s.steps, start)
-  peak = cfg.train.peak_flops or metrics_lib.peak_flops_per_device()
+  peak = metrics_lib.PeakMeter(cfg.train.peak_flops)
   eval_batches = data.eval_batches(cfg.train.eval_batches)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   t, preempt, last = cfg.train, _Preempted(), {}
@@ -379,8 +379,8 @@ def run(cfg: Config, workdir: str, data=None) -> dict:
       if done % t.log_every == 0 or done == s.steps:
         check_finite(m, done)
         dt = (time.perf_counter() - tic) / (done - tic_step)
-        tic, tic_step = time.perf_counter(), done
-        last = _log_line(s, m, done, dt, peak)
+        last = _log_line(s, m, done, dt, peak())   # may re-measure the CPU peak
+        tic_step = done
         writer.write(done, last)
         progress.log(done, {k: last[k] for k in ("loss", "tokens_per_s", "mfu")})
       if t.eval_every and done % t.eval_every == 0 and done != s.steps:
@@ -393,6 +393,8 @@ def run(cfg: Config, workdir: str, data=None) -> dict:
         progress.close()
         print(f"SIGTERM: saved step {done} and stopped", file=sys.stderr)
         return {"step": done, "preempted": True}
+      if tic_step == done:   # the next window times steps alone: not the peak, eval or save
+        tic = time.perf_counter()
     final = int(state["step"])
     ev = evaluate(s, state, eval_batches) if eval_batches else {}
     writer.write(final, ev, kind="eval")

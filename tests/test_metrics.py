@@ -17,7 +17,8 @@ def tiny_mor_cfg(**train_kw):
                        num_layers=4, num_recursions=2, max_seq_len=16)
   base["data"].update(seq_len=16, batch_size=8)
   base["train"].update(steps=4, log_every=2, eval_every=2, eval_batches=1, checkpoint_every=0,
-                       peak_flops=1e11, **train_kw)
+                       peak_flops=1e11)
+  base["train"].update(train_kw)
   return config.from_dict(base)
 
 
@@ -129,3 +130,35 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
   out = tty.getvalue()
   assert "5/10" in out and "loss=2.5" in out and "tokens_per_s=1234" in out and \
       "mfu=0.125" in out and "[5/10]" not in out
+
+
+def test_peak_meter_remeasures_the_cpu_rate_and_keeps_pins(monkeypatch):
+  calls = []
+  monkeypatch.setattr(metrics, "matmul_flop_rate",
+                      lambda n=2048, repeats=8: calls.append(1) or [1e11 * len(calls)] * repeats)
+  now = [0.0]
+  meter = metrics.PeakMeter(clock=lambda: now[0])
+  ndev = metrics.jax.local_device_count()
+  assert meter() == pytest.approx(1e11 / ndev) and len(calls) == 1
+  now[0] = metrics.PEAK_RESAMPLE_S / 2
+  assert meter() == pytest.approx(1e11 / ndev) and len(calls) == 1   # recent: reused
+  now[0] = metrics.PEAK_RESAMPLE_S * 1.5
+  assert meter() == pytest.approx(2e11 / ndev) and len(calls) == 2   # stale: measured again
+  pinned = metrics.PeakMeter(5e10, clock=lambda: now[0])
+  now[0] = 1e9
+  assert pinned() == 5e10 and len(calls) == 2
+
+
+def test_training_mfu_uses_a_peak_measured_beside_each_window(tmp_path, monkeypatch):
+  # a host whose matmul rate halves between log lines: a start-up peak would misstate MFU 2x
+  rates = iter([4e11, 2e11, 1e11, 5e10])
+  monkeypatch.setattr(metrics, "matmul_flop_rate",
+                      lambda n=2048, repeats=8: [next(rates)] * repeats)
+  monkeypatch.setattr(metrics, "PEAK_RESAMPLE_S", 0.0)
+  cfg = tiny_mor_cfg(peak_flops=0.0, eval_every=0, steps=6)
+  train.run(cfg, str(tmp_path), data=ArrayData(cfg))
+  rows = [r for r in metrics.read_metrics(str(tmp_path)) if "mfu" in r]
+  ndev = metrics.jax.device_count()
+  assert [r["peak_flops"] * ndev for r in rows] == pytest.approx([4e11, 2e11, 1e11])
+  for r in rows:
+    assert r["mfu"] == pytest.approx(r["tflops_per_s"] * 1e12 / (r["peak_flops"] * ndev))

@@ -54,14 +54,16 @@ def _check_equal_to_dense(impl, s, hidden_frac, b=2, n=4, k=2, h=8, tol=2e-5):
     np.testing.assert_allclose(g, r, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("s,hidden", [(128, 0.0), (150, 0.3)])
-def test_blocked_attention_equals_dense(s, hidden):
+@pytest.mark.parametrize("s,hidden,b", [(128, 0.0, 2), (150, 0.3, 2), (128, 0.3, 8)])
+def test_blocked_attention_equals_dense(s, hidden, b):
   """Blocked causal attention (key blocks after the query block skipped, softmax normalised
   after the value product) equals the dense masked path in values and q/k/v gradients;
   150 is not a whole number of 64-row blocks (padded queries), and hidden keys at -1 in
-  the middle are a MoR gather. Catches a wrong key range per block (a key block too few
-  or a shifted mask), a lost normaliser, or padding rows leaking into real ones."""
-  _check_equal_to_dense("xla", s, hidden)
+  the middle are a MoR gather; batch 8 (16 rows of (batch, KV head)) runs the kernel's
+  loop over 4 groups of rows. Catches a wrong key range per block (a key block too few
+  or a shifted mask), a lost normaliser or softmax-backward term, padding rows leaking
+  into real ones, or rows mixed up between loop iterations."""
+  _check_equal_to_dense("xla", s, hidden, b=b)
 
 
 @pytest.mark.parametrize("hidden", [0.0, 0.3])
@@ -108,6 +110,30 @@ def test_chunked_cross_entropy_equals_plain():
   for a, r in zip(gf, gp):
     np.testing.assert_allclose(a, r, atol=1e-6, rtol=1e-5)
   np.testing.assert_allclose(jax.jit(fast)(h, w), lp, rtol=1e-6)   # the undifferentiated path
+
+
+def test_swiglu_chunked_backward_equals_autodiff(monkeypatch):
+  """The SwiGLU MLP's custom backward (a loop over strided token chunks that recomputes
+  the gate and up projections) equals autodiff of the plain formula: 96 tokens in 6
+  chunks of 16, O(1) values. Catches a wrong silu derivative, a chunk's weight gradient
+  lost from the f32 accumulation, or tokens put back in the wrong order."""
+  from mor.layers import mlp
+  monkeypatch.setattr(mlp, "BACKWARD_CHUNK_TOKENS", 16)
+  t, d, f = 96, 16, 24
+  ks = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(ks[0], (t, d))
+  ws = [jax.random.normal(k, shape) * shape[0] ** -0.5
+        for k, shape in zip(ks[1:4], ((d, f), (d, f), (f, d)))]
+  dy = jax.random.normal(ks[4], (t, d))
+  assert mlp._chunks(t) == 6
+  outs = [jax.jit(lambda *a, fn=fn: jax.vjp(fn, *a))(x, *ws) for fn in (mlp.swiglu,
+                                                                         mlp._swiglu_ref)]
+  (yf, vjp_f), (yr, vjp_r) = outs
+  assert 0.3 < float(jnp.std(yr)) < 3
+  np.testing.assert_allclose(yf, yr, rtol=1e-6)
+  for a, r in zip(vjp_f(dy), vjp_r(dy)):
+    assert float(jnp.std(r)) > 0.1
+    np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
 
 
 def _small(kind, attention, **router):

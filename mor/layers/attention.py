@@ -142,41 +142,55 @@ def _blocked_core(q_RxIxQxH, k_RxTxH, v_RxTxH, kpos_RxT, qpos_RxS, qb: int, iter
 
   A loop over `iters` groups of rows rather than one batched op: each iteration's
   logits, probabilities and value product stay in cache, which ran the forward
-  3x faster on the CPU. The custom VJP keeps the loop in the backward as well
-  (autodiff of the loop stacked per-iteration residuals and ran slower); it saves
-  the probabilities, as autodiff of the unlooped version did.
+  3x faster on the CPU. The custom VJP keeps the loop in the backward too (autodiff
+  of the loop stacked per-iteration residuals and ran slower) and saves only each
+  row's log-sum-exp: recomputing the probabilities in cache beat saving them
+  (33-41 ms against 55-66 ms forward + backward per layer; NOTES.md).
   """
   return _blocked_fwd(q_RxIxQxH, k_RxTxH, v_RxTxH, kpos_RxT, qpos_RxS, qb, iters)[0]
 
 
+def _block_logits(q, k, kpos, qpos, i: int, qb: int) -> jax.Array:
+  """Masked f32 logits [C, G, Q, end] of query block i over keys [0, end)."""
+  c, _, gq, _ = q.shape
+  end = min((i + 1) * qb, k.shape[1])
+  logits = jnp.einsum("cqh,cth->cqt", q[:, i], k[:, :end],
+                      preferred_element_type=jnp.float32).reshape(c, gq // qb, qb, end)
+  mask_CxQxT = _mask(kpos[:, :end], qpos[:, i * qb:(i + 1) * qb])
+  return jnp.where(mask_CxQxT[:, None], logits, -1e30)
+
+
 def _rows_fwd(q, k, v, kpos, qpos, qb: int):
-  """One group of rows: (out [C, I, G*Q, H], probabilities per query block [C, G*Q, end_i])."""
+  """One group of rows: out [C, I, G*Q, H] and the log-sum-exp of each query [C, I, G*Q, 1]."""
   c, nb, gq, h = q.shape
-  g, dt = gq // qb, q.dtype
-  outs, probs = [], []
+  outs, lses = [], []
   for i in range(nb):
-    end = min((i + 1) * qb, k.shape[1])
-    logits = jnp.einsum("cqh,cth->cqt", q[:, i], k[:, :end],
-                        preferred_element_type=jnp.float32).reshape(c, g, qb, end)
-    mask_CxQxT = _mask(kpos[:, :end], qpos[:, i * qb:(i + 1) * qb])
-    logits = jnp.where(mask_CxQxT[:, None], logits, -1e30)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    p = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(dt).reshape(c, gq, end)
-    outs.append(jnp.einsum("cqt,cth->cqh", p, v[:, :end],
-                           preferred_element_type=jnp.float32).astype(dt))
-    probs.append(p)
-  return jnp.stack(outs, axis=1), tuple(probs)
+    logits = _block_logits(q, k, kpos, qpos, i, qb)
+    end = logits.shape[-1]
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    # normalised after the value product: a divide on [Q, H], not [Q, T]
+    o = jnp.einsum("cqt,cth->cqh", e.astype(q.dtype).reshape(c, gq, end), v[:, :end],
+                   preferred_element_type=jnp.float32).reshape(total.shape[:-1] + (h,))
+    outs.append((o / total).reshape(c, gq, h).astype(q.dtype))
+    lses.append((m + jnp.log(total)).reshape(c, gq, 1))
+  return jnp.stack(outs, axis=1), jnp.stack(lses, axis=1)
 
 
-def _rows_bwd(q, k, v, probs, out, dout):
-  """Gradients of one group of rows from the saved probabilities (softmax backward)."""
+def _rows_bwd(q, k, v, kpos, qpos, lse, out, dout, qb: int):
+  """Gradients of one group of rows; the probabilities are recomputed from lse."""
   c, nb, gq, h = q.shape
   t, dt = k.shape[1], q.dtype
   # d softmax: dlogits = p * (dp - sum_t p dp), and sum_t p dp = sum_h dout * out
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for i, p in enumerate(probs):
-    end = p.shape[-1]
+  for i in range(nb):
+    logits = _block_logits(q, k, kpos, qpos, i, qb)
+    end = logits.shape[-1]
+    # masked entries: exp(-1e30 - lse) = 0; a fully hidden (padding) row gets 1s, and its
+    # dout is zero (its rows are sliced off or dropped by the caller)
+    p = jnp.exp(logits - lse[:, i].reshape(c, -1, qb, 1)).reshape(c, gq, end)
     dp = jnp.einsum("cqh,cth->cqt", dout[:, i], v[:, :end], preferred_element_type=jnp.float32)
     ds = (p * (dp - delta[:, i])).astype(dt)
     dq.append(jnp.einsum("cqt,cth->cqh", ds, k[:, :end],
@@ -184,21 +198,21 @@ def _rows_bwd(q, k, v, probs, out, dout):
     to_t = ((0, 0), (0, t - end), (0, 0))
     dk = dk + jnp.pad(jnp.einsum("cqt,cqh->cth", ds, q[:, i],
                                  preferred_element_type=jnp.float32), to_t)
-    dv = dv + jnp.pad(jnp.einsum("cqt,cqh->cth", p, dout[:, i],
+    dv = dv + jnp.pad(jnp.einsum("cqt,cqh->cth", p.astype(dt), dout[:, i],
                                  preferred_element_type=jnp.float32), to_t)
   return jnp.stack(dq, axis=1), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _blocked_fwd(q, k, v, kpos, qpos, qb, iters):
   args = tuple(_split_rows(x, iters) for x in (q, k, v, kpos, qpos))
-  out, probs = jax.lax.map(lambda a: _rows_fwd(*a, qb), args)
-  return _merge_rows(out), (args[:3], probs, out)
+  out, lse = jax.lax.map(lambda a: _rows_fwd(*a, qb), args)
+  return _merge_rows(out), (args, lse, out)
 
 
 def _blocked_bwd(qb, iters, res, dout):
-  (q, k, v), probs, out = res
-  dq, dk, dv = jax.lax.map(lambda a: _rows_bwd(*a), (q, k, v, probs, out,
-                                                     _split_rows(dout, iters)))
+  args, lse, out = res
+  dq, dk, dv = jax.lax.map(lambda a: _rows_bwd(*a, qb),
+                           args + (lse, out, _split_rows(dout, iters)))
   return _merge_rows(dq), _merge_rows(dk), _merge_rows(dv), None, None
 
 

@@ -136,6 +136,36 @@ def test_swiglu_chunked_backward_equals_autodiff(monkeypatch):
     np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
 
 
+def test_custom_backwards_in_bfloat16_track_float32():
+  """The blocked attention and SwiGLU custom VJPs run in bf16 (gradients come back in the
+  inputs' dtype) and stay within bf16 rounding of the f32 dense/autodiff reference: a
+  dtype mix-up (an f32 residual where bf16 is expected) fails to trace, a wrong term
+  shows as an O(1) relative error against the 3% bound."""
+  from mor.layers import mlp
+  b, s, n, k, h = 4, 128, 4, 2, 16
+  q, kk, v = _qkv(b, s, n, k, h)
+  pos = _positions(b, s, 0.3)
+  valid = (pos >= 0)[:, :, None, None]
+  wts = jnp.cos(jnp.arange(n * h, dtype=jnp.float32)).reshape(n, h)
+
+  def attn_loss(impl):
+    return lambda q, kk, v: jnp.sum(jnp.where(valid, attend(q, KV(kk, v, pos), pos, impl,
+                                                            index_causal=True), 0) * wts)
+  ref = jax.jit(jax.grad(attn_loss("xla_dense"), (0, 1, 2)))(q, kk, v)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  got = jax.jit(jax.grad(attn_loss("xla"), (0, 1, 2)))(bf(q), bf(kk), bf(v))
+  x = jax.random.normal(jax.random.key(3), (2048, 32))
+  ws = [jax.random.normal(jax.random.key(i), shape) * shape[0] ** -0.5
+        for i, shape in enumerate(((32, 48), (32, 48), (48, 32)))]
+  dy = jnp.sin(jnp.arange(2048 * 32, dtype=jnp.float32)).reshape(2048, 32)
+  ref += jax.vjp(mlp._swiglu_ref, x, *ws)[1](dy)
+  got += jax.jit(lambda *a: jax.vjp(mlp.swiglu, *a)[1](bf(dy)))(bf(x), *map(bf, ws))
+  for g, r in zip(got, ref):
+    assert g.dtype == jnp.bfloat16
+    err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) / float(jnp.max(jnp.abs(r)))
+    assert err < 0.03, err
+
+
 def _small(kind, attention, **router):
   return config.ModelConfig(kind=kind, vocab_size=64, num_layers=5, d_model=32, num_heads=4,
                             num_kv_heads=2, ffn_dim=48, max_seq_len=160, num_recursions=3,

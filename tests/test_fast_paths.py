@@ -125,7 +125,7 @@ def test_swiglu_chunked_backward_equals_autodiff(monkeypatch):
   ws = [jax.random.normal(k, shape) * shape[0] ** -0.5
         for k, shape in zip(ks[1:4], ((d, f), (d, f), (f, d)))]
   dy = jax.random.normal(ks[4], (t, d))
-  assert mlp._chunks(t) == 6
+  assert mlp.num_chunks(t, mlp.BACKWARD_CHUNK_TOKENS) == 6
   outs = [jax.jit(lambda *a, fn=fn: jax.vjp(fn, *a))(x, *ws) for fn in (mlp.swiglu,
                                                                          mlp._swiglu_ref)]
   (yf, vjp_f), (yr, vjp_r) = outs

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mor import kv_cache
 from mor.layers import lora as lora_lib
-from mor.layers.basic import param
+from mor.layers.basic import num_chunks, param
 from mor.layers.rope import apply_rope
 
 
@@ -84,8 +84,8 @@ def _block_size(s: int) -> int:
   return max(64, -(-s // 16))
 
 
-# (batch, KV head) rows per iteration of the blocked kernel's loop: fastest on the CPU
-# (NOTES.md: 4 rows ran the forward 3x and forward + backward 1.3x faster than all 32 at once)
+# (batch, KV head) rows per iteration of the blocked kernel's loop, fastest on the CPU
+# (NOTES.md: 4 of the 32 rows at the issue-12 shape: forward 9-10 ms against 27-29 unlooped)
 ROWS_PER_ITERATION = 4
 
 
@@ -116,7 +116,7 @@ def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.A
       r, nb, g * qb, h)
   rows = lambda x: x.astype(dt).transpose(0, 2, 1, 3).reshape(r, t, h)
   per_row = lambda p: jnp.repeat(p, k, axis=0)     # rows are (batch, KV head), head minor
-  iters = max(d for d in range(1, r + 1) if r % d == 0 and r // d >= min(ROWS_PER_ITERATION, r))
+  iters = num_chunks(r, ROWS_PER_ITERATION)
   out = _blocked_core(q_RxIxQxH, rows(kv.k_BxTxKxH), rows(kv.v_BxTxKxH), per_row(kv.pos_BxT),
                       per_row(q_pos), qb, iters)
   return out.reshape(b, k, nb, g, qb, h).transpose(0, 2, 4, 1, 3, 5).reshape(

@@ -27,6 +27,15 @@ def param(rngs: nnx.Rngs, shape: tuple, axes: tuple, std: float = 0.02,
   return nnx.Param(value, axes=axes)
 
 
+def num_chunks(n: int, min_size: int) -> int:
+  """The most equal chunks of n items that leave at least min(min_size, n) items each.
+
+  For loops that keep a chunk of work in cache (blocked attention, the SwiGLU
+  backward): static, and 1 when n is small.
+  """
+  return max(d for d in range(1, n + 1) if n % d == 0 and n // d >= min(min_size, n))
+
+
 def dense(x_NxD: jax.Array, w: jax.Array, dtype) -> jax.Array:
   """x @ w over the leading feature axes of w; x is [..., D], w is [D, ...out]."""
   lead, d = x_NxD.shape[:-1], x_NxD.shape[-1]

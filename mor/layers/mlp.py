@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mor.layers import lora as lora_lib
-from mor.layers.basic import param
+from mor.layers.basic import num_chunks, param
 
 # tokens per iteration of the backward loop (NOTES.md: 1024 ran the MLP's forward +
 # backward 1.6x faster than autodiff over all 4096 tokens of a batch on the CPU)
@@ -57,15 +57,10 @@ def _swiglu_fwd(x, wg, wu, wd):
   return _swiglu_ref(x, wg, wu, wd), (x, wg, wu, wd)
 
 
-def _chunks(t: int) -> int:
-  """Iterations of the backward loop: the most that leave >= BACKWARD_CHUNK_TOKENS each."""
-  return max(d for d in range(1, t + 1) if t % d == 0 and t // d >= min(BACKWARD_CHUNK_TOKENS, t))
-
-
 def _swiglu_bwd(res, dy_TxD):
   x_TxD, wg, wu, wd = res
   t, dt = x_TxD.shape[0], x_TxD.dtype
-  iters = _chunks(t)
+  iters = num_chunks(t, BACKWARD_CHUNK_TOKENS)
   # strided chunks (iteration j takes tokens j, j + iters, ...): tokens sharded over
   # devices stay sharded inside every iteration
   split = lambda a: jnp.moveaxis(a.reshape(t // iters, iters, a.shape[-1]), 1, 0)

@@ -21,8 +21,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 FLOP_CONVENTIONS = ("paper", "training")   # mor.flops.CONVENTION_FACTOR
 COMBINES = ("reference", "residual", "straight_through")
 UPTRAIN_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
-# xla: causal key blocks skipped (default); xla_dense: one masked S x T product;
-# dot_product: jax.nn.dot_product_attention (cuDNN flash on GPU); splash: Pallas TPU kernel
+# xla (default): causal key blocks skipped, looped over (batch, KV head) rows to stay in
+# cache, tuned on CPU; xla_dense: one masked S x T product; dot_product:
+# jax.nn.dot_product_attention (cuDNN flash on GPU: use it there); splash: Pallas TPU kernel
 ATTENTIONS = ("xla", "xla_dense", "dot_product", "splash")
 
 

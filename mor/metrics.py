@@ -196,7 +196,7 @@ def peak_flops_per_device(repeats: int = 8) -> float:
     return table
   host = float(np.median(matmul_flop_rate(repeats=repeats)))
   # fake CPU devices share the host's cores: each gets its share of the peak
-  return host / jax.local_device_count()
+  return host / (jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1)
 
 
 # seconds between two CPU peak measurements during training (tests set it to 0)
@@ -216,7 +216,7 @@ class PeakMeter:
 
   def __init__(self, pinned: float = 0.0, clock=time.monotonic):
     self.fixed = pinned or accelerator_peak()
-    self.clock, self.value, self.taken, self.samples = clock, 0.0, None, 0
+    self.clock, self.value, self.taken = clock, 0.0, None
 
   def __call__(self) -> float:
     if self.fixed:
@@ -224,5 +224,5 @@ class PeakMeter:
     now = self.clock()
     if self.taken is None or now - self.taken >= PEAK_RESAMPLE_S:
       self.value = peak_flops_per_device(repeats=3)
-      self.taken, self.samples = self.clock(), self.samples + 1
+      self.taken = self.clock()
     return self.value

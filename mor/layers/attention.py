@@ -16,7 +16,7 @@ from flax import nnx
 
 from mor import kv_cache
 from mor.layers import lora as lora_lib
-from mor.layers.basic import num_chunks, param
+from mor.layers.basic import merge_strided, num_chunks, param, split_strided
 from mor.layers.rope import apply_rope
 
 
@@ -116,24 +116,11 @@ def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.A
       r, nb, g * qb, h)
   rows = lambda x: x.astype(dt).transpose(0, 2, 1, 3).reshape(r, t, h)
   per_row = lambda p: jnp.repeat(p, k, axis=0)     # rows are (batch, KV head), head minor
-  iters = num_chunks(r, ROWS_PER_ITERATION)
+  iters = num_chunks(r, ROWS_PER_ITERATION)   # rows split strided: a sharded batch stays so
   out = _blocked_core(q_RxIxQxH, rows(kv.k_BxTxKxH), rows(kv.v_BxTxKxH), per_row(kv.pos_BxT),
                       per_row(q_pos), qb, iters)
   return out.reshape(b, k, nb, g, qb, h).transpose(0, 2, 4, 1, 3, 5).reshape(
       b, nb * qb, n, h)[:, :s]
-
-
-def _split_rows(x: jax.Array, iters: int) -> jax.Array:
-  """[R, ...] -> [iters, R / iters, ...]; iteration j takes rows j, j + iters, ...
-
-  Strided, so that rows sharded over devices (the batch) stay sharded inside
-  every iteration: each device works on its own rows in every step of the loop.
-  """
-  return jnp.moveaxis(x.reshape(x.shape[0] // iters, iters, *x.shape[1:]), 1, 0)
-
-
-def _merge_rows(x: jax.Array) -> jax.Array:
-  return jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -204,16 +191,16 @@ def _rows_bwd(q, k, v, kpos, qpos, lse, out, dout, qb: int):
 
 
 def _blocked_fwd(q, k, v, kpos, qpos, qb, iters):
-  args = tuple(_split_rows(x, iters) for x in (q, k, v, kpos, qpos))
+  args = tuple(split_strided(x, iters) for x in (q, k, v, kpos, qpos))
   out, lse = jax.lax.map(lambda a: _rows_fwd(*a, qb), args)
-  return _merge_rows(out), (args, lse, out)
+  return merge_strided(out), (args, lse, out)
 
 
 def _blocked_bwd(qb, iters, res, dout):
   args, lse, out = res
   dq, dk, dv = jax.lax.map(lambda a: _rows_bwd(*a, qb),
-                           args + (lse, out, _split_rows(dout, iters)))
-  return _merge_rows(dq), _merge_rows(dk), _merge_rows(dv), None, None
+                           args + (lse, out, split_strided(dout, iters)))
+  return merge_strided(dq), merge_strided(dk), merge_strided(dv), None, None
 
 
 _blocked_core.defvjp(_blocked_fwd, _blocked_bwd)

@@ -36,6 +36,20 @@ def num_chunks(n: int, min_size: int) -> int:
   return max(d for d in range(1, n + 1) if n % d == 0 and n // d >= min(min_size, n))
 
 
+def split_strided(x: jax.Array, chunks: int) -> jax.Array:
+  """[N, ...] -> [chunks, N / chunks, ...]; chunk j takes items j, j + chunks, ...
+
+  Strided, so that items sharded over devices (the batch) stay sharded inside
+  every iteration of a loop over the chunks: each device works on its own items.
+  """
+  return jnp.moveaxis(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 1, 0)
+
+
+def merge_strided(x: jax.Array) -> jax.Array:
+  """The inverse of split_strided."""
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def dense(x_NxD: jax.Array, w: jax.Array, dtype) -> jax.Array:
   """x @ w over the leading feature axes of w; x is [..., D], w is [D, ...out]."""
   lead, d = x_NxD.shape[:-1], x_NxD.shape[-1]

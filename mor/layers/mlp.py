@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mor.layers import lora as lora_lib
-from mor.layers.basic import num_chunks, param
+from mor.layers.basic import merge_strided, num_chunks, param, split_strided
 
 # tokens per iteration of the backward loop (NOTES.md: 1024 ran the MLP's forward +
 # backward 1.6x faster than autodiff over all 4096 tokens of a batch on the CPU)
@@ -61,9 +61,6 @@ def _swiglu_bwd(res, dy_TxD):
   x_TxD, wg, wu, wd = res
   t, dt = x_TxD.shape[0], x_TxD.dtype
   iters = num_chunks(t, BACKWARD_CHUNK_TOKENS)
-  # strided chunks (iteration j takes tokens j, j + iters, ...): tokens sharded over
-  # devices stay sharded inside every iteration
-  split = lambda a: jnp.moveaxis(a.reshape(t // iters, iters, a.shape[-1]), 1, 0)
   mm = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
 
   def body(carry, xs):
@@ -80,9 +77,8 @@ def _swiglu_bwd(res, dy_TxD):
 
   zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
   (dwg, dwu, dwd), dx = jax.lax.scan(body, (zeros(wg), zeros(wu), zeros(wd)),
-                                     (split(x_TxD), split(dy_TxD)))
-  dx_TxD = jnp.moveaxis(dx, 0, 1).reshape(t, -1)
-  return dx_TxD, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
+                                     (split_strided(x_TxD, iters), split_strided(dy_TxD, iters)))
+  return merge_strided(dx), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

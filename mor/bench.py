@@ -79,13 +79,19 @@ def train_bench_config(name: str, *, vocab: int = 4096, num_heads: int = 4,
   return config_lib.validate(dataclasses.replace(cfg, model=model))
 
 
-def prepare_train_step(cfg: Config, devices=None) -> tuple:
-  """(step() -> loss, static record) for one train step of cfg on random tokens."""
+def train_step_inputs(cfg: Config, devices=None) -> tuple:
+  """(train setup, initial state, a batch of random tokens) for timing or profiling a step."""
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
   state = train.init_state(s)
   toks = jax.random.randint(jax.random.key(1), (cfg.data.batch_size, cfg.data.seq_len + 1), 0,
                             cfg.model.vocab_size)
   batch = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, s.batch_sharding)
+  return s, state, batch
+
+
+def prepare_train_step(cfg: Config, devices=None) -> tuple:
+  """(step() -> loss, static record) for one train step of cfg on random tokens."""
+  s, state, batch = train_step_inputs(cfg, devices)
   stats = compiled_stats(s.train_step, state, batch)
   holder = {"state": state}
 

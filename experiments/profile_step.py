@@ -1,0 +1,68 @@
+"""Where a train step's time goes: python -m experiments.profile_step --model mor_ec [--vocab 8192 ...].
+
+Runs the jitted train step of one bench_train model under jax.profiler and
+prints JSON: step milliseconds under the profiler, the time attributed to
+each source line of `mor` (forward and backward separately) and the largest
+HLO ops (see mor.profiling for how concurrent thunks are shared). Shapes and
+flags as bench_train; --trace_dir keeps the trace for TensorBoard / xprof.
+The issue-12 shape: --vocab 8192 --num_heads 8 --num_kv_heads 4 --batch 8.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="mor_ec", help="vanilla, recursive, mor_ec or mor_tc")
+  p.add_argument("--seq_len", type=int, default=512)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--vocab", type=int, default=4096)
+  p.add_argument("--d_model", type=int, default=256)
+  p.add_argument("--num_heads", type=int, default=4)
+  p.add_argument("--num_kv_heads", type=int, default=2)
+  p.add_argument("--ffn_dim", type=int, default=0, help="0: 3 x d_model")
+  p.add_argument("--num_layers", type=int, default=8)
+  p.add_argument("--num_recursions", type=int, default=3)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--attention", default="", help="model.attention ('' = config default)")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--repeats", type=int, default=3, help="profiled steps")
+  p.add_argument("--top", type=int, default=25, help="rows of each table")
+  p.add_argument("--trace_dir", default="", help="keep the trace here")
+  return p.parse_args()
+
+
+def main():
+  args = parse()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import time
+
+  import jax
+
+  from mor import bench, profiling
+
+  cfg = bench.train_bench_config(
+      args.model, vocab=args.vocab, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+      ffn_dim=args.ffn_dim, remat=args.remat, attention=args.attention,
+      seq_len=args.seq_len, batch=args.batch, d_model=args.d_model, num_layers=args.num_layers,
+      num_recursions=args.num_recursions, dtype=args.dtype)
+  s, state, batch = bench.train_step_inputs(cfg)
+  t = time.perf_counter()
+  ops = profiling.profile(s.train_step, state, batch, repeats=args.repeats,
+                          trace_dir=args.trace_dir or None, feed=lambda a, o: (o[0], a[1]))
+  wall = (time.perf_counter() - t)
+  print(json.dumps({
+      "model": args.model, "profiled_steps": args.repeats,
+      "attributed_ms_per_step": round(sum(o.ms for o in ops), 1),
+      "wall_s_with_compile": round(wall, 1),
+      "by_source": [dict(source=src, pass_=p, ms=ms) for src, p, ms in
+                    profiling.by_source(ops)[:args.top]],
+      "top_ops": [dict(op=o.op, ms=round(o.ms, 3), count=o.count, source=o.source,
+                       backward=o.backward) for o in ops[:args.top]],
+  }, indent=1).replace('"pass_"', '"pass"'))
+
+
+if __name__ == "__main__":
+  main()

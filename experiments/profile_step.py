@@ -1,10 +1,12 @@
-"""Where a train step's time goes: python -m experiments.profile_step --model mor_ec [--vocab 8192 ...].
+"""Where a step's time goes: python -m experiments.profile_step --model mor_ec [--decode] [...].
 
-Runs the jitted train step of one bench_train model under jax.profiler and
-prints JSON: step milliseconds under the profiler, the time attributed to
-each source line of `mor` (forward and backward separately) and the largest
-HLO ops (see mor.profiling for how concurrent thunks are shared). Shapes and
-flags as bench_train; --trace_dir keeps the trace for TensorBoard / xprof.
+Runs the jitted train step of one bench_train model (or, with --decode, one
+call of the MoR serving engine as bench_decode times it: N_r = --num_recursions,
+d 192, batch 32, steps_per_call engine steps) under jax.profiler and prints
+JSON: the time attributed to each source line of `mor` (forward and backward
+separately) and the largest HLO ops (see mor.profiling for how concurrent
+thunks are shared). Train shapes and flags as bench_train; --trace_dir keeps
+the trace for TensorBoard / xprof.
 The issue-12 shape: --vocab 8192 --num_heads 8 --num_kv_heads 4 --batch 8.
 """
 import argparse
@@ -31,6 +33,8 @@ def parse():
   p.add_argument("--repeats", type=int, default=3, help="profiled steps")
   p.add_argument("--top", type=int, default=25, help="rows of each table")
   p.add_argument("--trace_dir", default="", help="keep the trace here")
+  p.add_argument("--decode", action="store_true",
+                 help="profile the MoR serving engine (bench_decode's defaults; --batch 32)")
   return p.parse_args()
 
 
@@ -43,18 +47,29 @@ def main():
 
   from mor import bench, profiling
 
-  cfg = bench.train_bench_config(
-      args.model, vocab=args.vocab, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-      ffn_dim=args.ffn_dim, remat=args.remat, attention=args.attention,
-      seq_len=args.seq_len, batch=args.batch, d_model=args.d_model, num_layers=args.num_layers,
-      num_recursions=args.num_recursions, dtype=args.dtype)
-  s, state, batch = bench.train_step_inputs(cfg)
+  if args.decode:
+    eng, st = bench.decode_engine(args.num_recursions, batch=args.batch)
+    # per engine step: one call runs steps_per_call steps
+    fn, inputs, per = eng._chunk_fn(), (eng.params, st), eng.steps_per_call
+    feed = lambda a, o: (a[0], o[0])
+  else:
+    cfg = bench.train_bench_config(
+        args.model, vocab=args.vocab, num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads, ffn_dim=args.ffn_dim, remat=args.remat,
+        attention=args.attention, seq_len=args.seq_len, batch=args.batch,
+        d_model=args.d_model, num_layers=args.num_layers,
+        num_recursions=args.num_recursions, dtype=args.dtype)
+    s, state, batch = bench.train_step_inputs(cfg)
+    fn, inputs, per = s.train_step, (state, batch), 1
+    feed = lambda a, o: (o[0], a[1])
   t = time.perf_counter()
-  ops = profiling.profile(s.train_step, state, batch, repeats=args.repeats,
-                          trace_dir=args.trace_dir or None, feed=lambda a, o: (o[0], a[1]))
-  wall = (time.perf_counter() - t)
+  ops = profiling.profile(fn, *inputs, repeats=args.repeats, trace_dir=args.trace_dir or None,
+                          feed=feed)
+  ops = [o._replace(ms=o.ms / per, count=o.count / per) for o in ops]
+  wall = time.perf_counter() - t
   print(json.dumps({
-      "model": args.model, "profiled_steps": args.repeats,
+      "model": f"mor_ec{args.num_recursions} engine" if args.decode else args.model,
+      "profiled_calls": args.repeats, "engine_steps_per_call": per if args.decode else None,
       "attributed_ms_per_step": round(sum(o.ms for o in ops), 1),
       "wall_s_with_compile": round(wall, 1),
       "by_source": [dict(source=src, pass_=p, ms=ms) for src, p, ms in

@@ -161,6 +161,33 @@ def bench_train_step(cfg: Config, repeats: int = 5, devices=None,
 UNIT = {2: 15, 3: 10, 4: 8}   # the paper's plans: 1 + B x N_r + 1 layers
 
 
+def decode_engine(n: int = 4, batch: int = 32, d_model: int = 192, num_heads: int = 6,
+                  num_kv_heads: int = 2, vocab: int = 512, max_len: int = 128,
+                  steps_per_call: int = 64, seed: int = 0):
+  """(engine, state) of bench_decode's MoR row: the paper's N_r plan at the capacity schedule.
+
+  Untrained routers replaced by the forced depth schedule (fractions (N_r - r + 1) / N_r),
+  per-depth caches at those fractions, 6 x batch random 4-token requests queued and
+  one call already advanced (slots full), for timing or profiling `eng._chunk_fn()`.
+  """
+  from mor.config import ModelConfig, RouterConfig
+  from mor.models import build_model
+  from mor.serving import Engine
+  caps = [(n - r) / n for r in range(n)]
+  cfg = ModelConfig(kind="mor", vocab_size=vocab, num_layers=2 + UNIT[n] * n, d_model=d_model,
+                    num_heads=num_heads, num_kv_heads=num_kv_heads, ffn_dim=3 * d_model,
+                    max_seq_len=max_len, num_recursions=n, sharing="middle_cycle",
+                    router=RouterConfig(capacities=tuple(caps)))
+  eng = Engine(build_model(cfg, seed), batch, max_len, steps_per_call=steps_per_call,
+               forced_depths=tuple(range(n, 0, -1)),
+               slots=[min(1.0, c + 2.0 / max_len) for c in caps])
+  rng = np.random.default_rng(seed)
+  for _ in range(6 * batch):
+    eng.submit(rng.integers(0, vocab, 4), max_len - 4)
+  st, _ = eng.advance(eng.start())
+  return eng, st
+
+
 def trained_mor(checkpoint: str = "", train_steps: int = 60, d_model: int = 192,
                 workdir: str = ""):
   """(model, cfg, label, data) of a MoR whose routers were trained, for router-decided rows.

@@ -94,3 +94,38 @@ def test_profile_feeds_donated_outputs_back():
   ops = profiling.profile(step, jnp.zeros(1000), jnp.ones(1000), repeats=2, package="tests",
                           feed=lambda a, o: (o[0], a[1]))
   assert ops and all(o.ms >= 0 for o in ops)
+
+
+def test_profile_step_cli_attributes_a_train_step_to_model_lines():
+  import json
+  import pathlib
+  import subprocess
+  import sys
+  import os
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")   # one device
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.profile_step", "--model", "mor_ec", "--seq_len", "32",
+       "--batch", "2", "--d_model", "32", "--vocab", "64", "--num_layers", "5",
+       "--num_heads", "2", "--num_kv_heads", "1", "--repeats", "1", "--top", "200"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+  rec = json.loads(out)
+  files = {r["source"].split(":")[0] for r in rec["by_source"]}
+  assert {"mlp.py", "attention.py", "train.py", "routers.py"} <= files, files
+  assert {r["pass"] for r in rec["by_source"]} == {"fwd", "bwd"}
+  assert rec["attributed_ms_per_step"] == pytest.approx(
+      sum(r["ms"] for r in rec["by_source"]), rel=0.01, abs=0.05)
+
+
+def test_profile_follows_the_serving_engine_state():
+  from mor import bench
+  eng, st = bench.decode_engine(2, batch=4, d_model=32, num_heads=2, num_kv_heads=1,
+                                vocab=64, max_len=16, steps_per_call=4)
+  seen = []
+
+  def feed(args, out):
+    seen.append(int(out[0].counters[0]))    # engine steps so far
+    return args[0], out[0]
+  ops = profiling.profile(eng._chunk_fn(), eng.params, st, repeats=2, warmup=1, feed=feed)
+  assert seen == [8, 12, 16]                # one advanced call before, then 4 steps per call
+  assert any(o.source.startswith("serving.py:") for o in ops)

@@ -13,22 +13,14 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import train_shape  # noqa: E402  (also when run as a script)
+
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default="vanilla,recursive,mor_ec,mor_tc")
-  p.add_argument("--seq_len", type=int, default=512)
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=4096)
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--num_heads", type=int, default=4)
-  p.add_argument("--num_kv_heads", type=int, default=2)
-  p.add_argument("--ffn_dim", type=int, default=0, help="0: 3 x d_model")
-  p.add_argument("--num_layers", type=int, default=8)
-  p.add_argument("--num_recursions", type=int, default=3)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--attention", default="", help="model.attention ('' = config default)")
-  p.add_argument("--remat", action="store_true")
+  train_shape.add_flags(p)
   p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
   p.add_argument("--peak_flops", type=float, default=0.0,
                  help="pin the per-device peak FLOP/s for MFU (0: measure beside each step)")
@@ -41,15 +33,9 @@ def main():
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from mor import bench
 
-  shape = dict(seq_len=args.seq_len, batch=args.batch, d_model=args.d_model,
-               num_layers=args.num_layers, num_recursions=args.num_recursions, dtype=args.dtype)
-  cfgs = {name: bench.train_bench_config(name, vocab=args.vocab, num_heads=args.num_heads,
-                                         num_kv_heads=args.num_kv_heads, ffn_dim=args.ffn_dim,
-                                         remat=args.remat, attention=args.attention, **shape)
-          for name in args.models.split(",")}
+  cfgs = {name: train_shape.config(name, args) for name in args.models.split(",")}
   load = os.getloadavg()
   records = bench.bench_train_steps(cfgs, args.repeats, peak_flops=args.peak_flops)
   for r in records:

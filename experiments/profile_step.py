@@ -14,22 +14,14 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import train_shape  # noqa: E402  (also when run as a script)
+
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="mor_ec", help="vanilla, recursive, mor_ec or mor_tc")
-  p.add_argument("--seq_len", type=int, default=512)
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=4096)
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--num_heads", type=int, default=4)
-  p.add_argument("--num_kv_heads", type=int, default=2)
-  p.add_argument("--ffn_dim", type=int, default=0, help="0: 3 x d_model")
-  p.add_argument("--num_layers", type=int, default=8)
-  p.add_argument("--num_recursions", type=int, default=3)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--attention", default="", help="model.attention ('' = config default)")
-  p.add_argument("--remat", action="store_true")
+  train_shape.add_flags(p)
   p.add_argument("--repeats", type=int, default=3, help="profiled steps")
   p.add_argument("--top", type=int, default=25, help="rows of each table")
   p.add_argument("--trace_dir", default="", help="keep the trace here")
@@ -40,7 +32,6 @@ def parse():
 
 def main():
   args = parse()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import time
 
   import jax
@@ -53,12 +44,7 @@ def main():
     fn, inputs, per = eng._chunk_fn(), (eng.params, st), eng.steps_per_call
     feed = lambda a, o: (a[0], o[0])
   else:
-    cfg = bench.train_bench_config(
-        args.model, vocab=args.vocab, num_heads=args.num_heads,
-        num_kv_heads=args.num_kv_heads, ffn_dim=args.ffn_dim, remat=args.remat,
-        attention=args.attention, seq_len=args.seq_len, batch=args.batch,
-        d_model=args.d_model, num_layers=args.num_layers,
-        num_recursions=args.num_recursions, dtype=args.dtype)
+    cfg = train_shape.config(args.model, args)
     s, state, batch = bench.train_step_inputs(cfg)
     fn, inputs, per = s.train_step, (state, batch), 1
     feed = lambda a, o: (o[0], a[1])

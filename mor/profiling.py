@@ -11,8 +11,9 @@ frame tables, so every thunk maps back to the Python line that emitted it
 the backward pass.
 
 Attribution on a multi-core CPU: XLA runs independent thunks concurrently,
-and the Eigen dot thunks run asynchronously (their span ends at the matching
-`end:` event, not at the launch event's duration). Time is therefore split
+and some run asynchronously (Eigen dots, loop fusions partitioned over the
+thread pool): a thunk's span ends at its `end:` event when the trace has one,
+not at its launch event's duration. Time is therefore split
 evenly among the thunks running at each instant, so the shares add up to the
 time any thunk was running. A share is what an op occupied, not what removing it
 would save: on the 2-core CPU, ops that overlap others were often free to drop
@@ -83,13 +84,12 @@ def attribute(events: list[dict], hlo_text: str, calls: int, package: str = "mor
   for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
     name = e["name"]
     if name.startswith("end: "):
-      if pending[name[5:]]:
-        spans.append((name[5:], pending[name[5:]].pop(0), e["ts"]))
+      if pending[name[5:]]:   # the thunk's completion: later than its launch event's end
+        start, stop = pending[name[5:]].pop(0)   # for async ones (Eigen dots, partitioned
+        spans.append((name[5:], start, max(stop, e["ts"])))   # loop fusions)
     elif name in meta and not name.startswith(_SKIP):
-      if name.startswith("dot"):      # asynchronous: ends at its `end:` event
-        pending[name].append(e["ts"])
-      else:
-        spans.append((name, e["ts"], e["ts"] + e["dur"]))
+      pending[name].append((e["ts"], e["ts"] + e["dur"]))
+  spans += [(name, start, stop) for name, q in pending.items() for start, stop in q]
   share, count = collections.Counter(), collections.Counter()
   edges = sorted([(s, 1, i) for i, (_, s, _) in enumerate(spans)] +
                  [(t, -1, i) for i, (_, _, t) in enumerate(spans)])

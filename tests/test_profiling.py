@@ -41,12 +41,13 @@ def _ev(name, ts, dur):
   return {"ph": "X", "name": name, "ts": ts, "dur": dur}
 
 
-def test_concurrent_thunks_share_time_and_async_dots_end_at_their_end_event():
+def test_concurrent_thunks_share_time_and_async_thunks_end_at_their_end_event():
   events = [
       _ev("fusion.1", 0, 10),           # alone for 4 us, then beside dot.3 for 6
       _ev("dot.3", 4, 1),               # launch; runs until its end event at 20
       _ev("end: dot.3", 20, 0),
-      _ev("fusion.2", 22, 4),           # alone
+      _ev("fusion.2", 22, 1),           # an async launch: runs alone until its end at 26
+      _ev("end: fusion.2", 26, 0),
       _ev("while.4", 0, 30),            # a loop: its body's thunks count, not itself
       _ev("ThreadpoolListener::Record", 1, 2),
   ]

@@ -1,8 +1,9 @@
-"""Where a step's time goes: python -m experiments.profile_step --model mor_ec [--decode] [...].
+"""Where a step's time goes: python -m experiments.profile_step --model mor_ec [--decode 4] [...].
 
-Runs the jitted train step of one bench_train model (or, with --decode, one
-call of the MoR serving engine as bench_decode times it: N_r = --num_recursions,
-d 192, batch 32, steps_per_call engine steps) under jax.profiler and prints
+Runs the jitted train step of one bench_train model (or, with --decode N_r,
+calls of the MoR serving engine at bench_decode's defaults: d 192, 6 / 2 KV
+heads, vocab 512, cache 128, --decode_batch slots, times per engine step)
+under jax.profiler and prints
 JSON: the time attributed to each source line of `mor` (forward and backward
 separately) and the largest HLO ops (see mor.profiling for how concurrent
 thunks are shared). Train shapes and flags as bench_train; --trace_dir keeps
@@ -25,8 +26,9 @@ def parse():
   p.add_argument("--repeats", type=int, default=3, help="profiled steps")
   p.add_argument("--top", type=int, default=25, help="rows of each table")
   p.add_argument("--trace_dir", default="", help="keep the trace here")
-  p.add_argument("--decode", action="store_true",
-                 help="profile the MoR serving engine (bench_decode's defaults; --batch 32)")
+  p.add_argument("--decode", type=int, default=0,
+                 help="N_r: profile the MoR serving engine instead (bench_decode's shape)")
+  p.add_argument("--decode_batch", type=int, default=32, help="engine slots with --decode")
   return p.parse_args()
 
 
@@ -39,7 +41,7 @@ def main():
   from mor import bench, profiling
 
   if args.decode:
-    eng, st = bench.decode_engine(args.num_recursions, batch=args.batch)
+    eng, st = bench.decode_engine(args.decode, batch=args.decode_batch)
     # per engine step: one call runs steps_per_call steps
     fn, inputs, per = eng._chunk_fn(), (eng.params, st), eng.steps_per_call
     feed = lambda a, o: (a[0], o[0])
@@ -54,15 +56,15 @@ def main():
   ops = [o._replace(ms=o.ms / per, count=o.count / per) for o in ops]
   wall = time.perf_counter() - t
   print(json.dumps({
-      "model": f"mor_ec{args.num_recursions} engine" if args.decode else args.model,
+      "model": f"mor_ec{args.decode} engine" if args.decode else args.model,
       "profiled_calls": args.repeats, "engine_steps_per_call": per if args.decode else None,
-      "attributed_ms_per_step": round(sum(o.ms for o in ops), 1),
+      "attributed_ms_per_step": round(sum(o.ms for o in ops), 3),
       "wall_s_with_compile": round(wall, 1),
-      "by_source": [dict(source=src, pass_=p, ms=ms) for src, p, ms in
+      "by_source": [{"source": src, "pass": p, "ms": ms} for src, p, ms in
                     profiling.by_source(ops)[:args.top]],
       "top_ops": [dict(op=o.op, ms=round(o.ms, 3), count=o.count, source=o.source,
                        backward=o.backward) for o in ops[:args.top]],
-  }, indent=1).replace('"pass_"', '"pass"'))
+  }, indent=1))
 
 
 if __name__ == "__main__":

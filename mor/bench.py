@@ -163,16 +163,19 @@ UNIT = {2: 15, 3: 10, 4: 8}   # the paper's plans: 1 + B x N_r + 1 layers
 
 def decode_engine(n: int = 4, batch: int = 32, d_model: int = 192, num_heads: int = 6,
                   num_kv_heads: int = 2, vocab: int = 512, max_len: int = 128,
-                  steps_per_call: int = 64, seed: int = 0):
+                  steps_per_call: int = 24, seed: int = 0):
   """(engine, state) of bench_decode's MoR row: the paper's N_r plan at the capacity schedule.
 
   Untrained routers replaced by the forced depth schedule (fractions (N_r - r + 1) / N_r),
   per-depth caches at those fractions, 6 x batch random 4-token requests queued and
   one call already advanced (slots full), for timing or profiling `eng._chunk_fn()`.
+  steps_per_call 24: bench_decode's at N_r = 4 and its default --steps.
   """
   from mor.config import ModelConfig, RouterConfig
   from mor.models import build_model
   from mor.serving import Engine
+  if n not in UNIT:
+    raise ValueError(f"decode_engine: num_recursions={n}; choose one of {sorted(UNIT)}")
   caps = [(n - r) / n for r in range(n)]
   cfg = ModelConfig(kind="mor", vocab_size=vocab, num_layers=2 + UNIT[n] * n, d_model=d_model,
                     num_heads=num_heads, num_kv_heads=num_kv_heads, ffn_dim=3 * d_model,

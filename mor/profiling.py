@@ -18,7 +18,9 @@ evenly among the thunks running at each instant, so the shares add up to the
 time any thunk was running. A share is what an op occupied, not what removing it
 would save: on the 2-core CPU, ops that overlap others were often free to drop
 (NOTES.md, issue 12). Loop instructions (while, call, conditional) are skipped;
-their bodies' thunks are counted.
+their bodies' thunks are counted. Only launches of the profiled module count
+(a `feed` that runs other jitted code adds nothing). On several devices, times
+and counts add up over the devices.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from typing import Callable, NamedTuple
 import jax
 
 _TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
-_SKIP = ("while", "call", "conditional")
 
 
 class OpTime(NamedTuple):
@@ -79,27 +80,33 @@ def profile(fn: Callable, *args, repeats: int = 3, warmup: int = 2, package: str
 def attribute(events: list[dict], hlo_text: str, calls: int, package: str = "mor"
               ) -> list[OpTime]:
   """Splits trace time among the module's thunks (see the module docstring)."""
-  meta, source = _instructions(hlo_text, package)
+  meta, source, loops = _instructions(hlo_text, package)
+  module = re.match(r"HloModule ([^\s,]+)", hlo_text)
+  module = module[1] if module else None
   spans, pending = [], collections.defaultdict(list)
   for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
     name = e["name"]
     if name.startswith("end: "):
-      if pending[name[5:]]:   # the thunk's completion: later than its launch event's end
-        start, stop = pending[name[5:]].pop(0)   # for async ones (Eigen dots, partitioned
-        spans.append((name[5:], start, max(stop, e["ts"])))   # loop fusions)
-    elif name in meta and not name.startswith(_SKIP):
+      # the thunk's completion: after its launch event for async ones (Eigen dots, loop
+      # fusions partitioned over the thread pool), at it for synchronous ones
+      if pending[name[5:]]:
+        start, stop = pending[name[5:]].pop(0)
+        spans.append((name[5:], start, max(stop, e["ts"])))
+    elif name in meta and name not in loops and e.get("args", {}).get(
+        "hlo_module", module) == module:     # other jitted calls in the trace are not ours
       pending[name].append((e["ts"], e["ts"] + e["dur"]))
   spans += [(name, start, stop) for name, q in pending.items() for start, stop in q]
   share, count = collections.Counter(), collections.Counter()
-  edges = sorted([(s, 1, i) for i, (_, s, _) in enumerate(spans)] +
-                 [(t, -1, i) for i, (_, _, t) in enumerate(spans)])
+  # at equal times starts sort first, so a zero-length span opens and closes at once
+  edges = sorted([(s, 0, i) for i, (_, s, _) in enumerate(spans)] +
+                 [(t, 1, i) for i, (_, _, t) in enumerate(spans)])
   running, last = set(), None
   for t, kind, i in edges:
     if running and last is not None:
       for j in running:
         share[j] += (t - last) / len(running)
     last = t
-    if kind == 1:
+    if kind == 0:
       running.add(i)
       count[spans[i][0]] += 1
     else:
@@ -139,14 +146,16 @@ def _instructions(hlo_text: str, package: str):
     if section in ("FileNames", "FunctionNames"):
       tables[section][int(idx)] = rest.strip('"')
     else:
-      tables[section][int(idx)] = tuple(int(x) for x in re.findall(r"=(\d+)", rest))
-  meta = {}
+      tables[section][int(idx)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", rest)}
+  meta, loops = {}, set()
   for line in lines:
     m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
     if m:
       frame = re.search(r"stack_frame_id=(\d+)", line)
       name = re.search(r'op_name="([^"]*)"', line)
       meta[m[1]] = (int(frame[1]) if frame else 0, name[1] if name else "")
+      if re.search(r"\s(?:while|call|conditional)\(", line):
+        loops.add(m[1])
   files, funcs = tables["FileNames"], tables["FunctionNames"]
   locs, frames = tables["FileLocations"], tables["StackFrames"]
   pkg = os.sep + package + os.sep
@@ -155,11 +164,11 @@ def _instructions(hlo_text: str, package: str):
     seen = set()
     while frame in frames and frame not in seen:   # innermost frame first
       seen.add(frame)
-      loc, parent = frames[frame]
-      file_id, func_id, line_no = locs[loc][:3]
-      path = files[file_id]
+      loc = locs[frames[frame]["file_location_id"]]
+      path = files[loc["file_name_id"]]
       if pkg in path:
-        return f"{os.path.basename(path)}:{funcs[func_id]}:{line_no}"
+        return f"{os.path.basename(path)}:{funcs[loc['function_name_id']]}:{loc['line']}"
+      parent = frames[frame]["parent_frame_id"]
       frame = parent - 1 if parent > 0 else 0   # the text prints parents 1-based
     return "other"
-  return meta, source
+  return meta, source, loops

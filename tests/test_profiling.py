@@ -1,12 +1,19 @@
 """mor.profiling: time shares from a trace, and thunks mapped back to source lines."""
 import importlib.util
 import inspect
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from mor import profiling
+from mor import bench, profiling
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A module text with the stack-frame tables: frame 2 (b.py:g:20) is called from
 # frame 1 (pkg/a.py:f:10); parents print 1-based (parent_frame_id - 1 is the parent).
@@ -37,8 +44,11 @@ ENTRY %main {
 """
 
 
-def _ev(name, ts, dur):
-  return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+def _ev(name, ts, dur, module=None):
+  e = {"ph": "X", "name": name, "ts": ts, "dur": dur}
+  if module:
+    e["args"] = {"hlo_module": module}
+  return e
 
 
 def test_concurrent_thunks_share_time_and_async_thunks_end_at_their_end_event():
@@ -63,6 +73,17 @@ def test_concurrent_thunks_share_time_and_async_thunks_end_at_their_end_event():
   assert ops["fusion.1"].source == "a.py:f:10" and not ops["fusion.1"].backward
   rows = profiling.by_source(list(ops.values()))
   assert rows[0][:2] == ("a.py:f:10", "fwd") and rows[1][:2] == ("a.py:f:10", "bwd")
+
+
+def test_zero_length_spans_and_other_modules_take_no_time():
+  events = [
+      _ev("fusion.1", 5, 0, module="m"),          # opens and closes at once
+      _ev("dot.3", 5, 1, module="m"), _ev("end: dot.3", 15, 0),
+      _ev("fusion.2", 20, 8, module="jit_other"),   # same name, another jitted function
+  ]
+  ops = {o.op: o for o in profiling.attribute(events, HLO, calls=1, package="pkg")}
+  assert "fusion.2" not in ops and ops.get("fusion.1", profiling.OpTime("", 0, 0, "", 0)).ms == 0
+  assert ops["dot.3"].ms == pytest.approx(10 / 1e3)
 
 
 def test_profile_maps_a_real_trace_to_the_calling_line(tmp_path):
@@ -94,32 +115,27 @@ def test_profile_feeds_donated_outputs_back():
   step = jax.jit(lambda s, x: (s + x, jnp.sum(s)), donate_argnums=0)
   ops = profiling.profile(step, jnp.zeros(1000), jnp.ones(1000), repeats=2, package="tests",
                           feed=lambda a, o: (o[0], a[1]))
-  assert ops and all(o.ms >= 0 for o in ops)
+  assert any(o.source.startswith("test_profiling.py:") for o in ops)
 
 
 def test_profile_step_cli_attributes_a_train_step_to_model_lines():
-  import json
-  import pathlib
-  import subprocess
-  import sys
-  import os
-  root = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")   # one device
-  out = subprocess.run(
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")   # one device
+  run = subprocess.run(
       [sys.executable, "-m", "experiments.profile_step", "--model", "mor_ec", "--seq_len", "32",
        "--batch", "2", "--d_model", "32", "--vocab", "64", "--num_layers", "5",
        "--num_heads", "2", "--num_kv_heads", "1", "--repeats", "1", "--top", "200"],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
-  rec = json.loads(out)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rec = json.loads(run.stdout)
   files = {r["source"].split(":")[0] for r in rec["by_source"]}
   assert {"mlp.py", "attention.py", "train.py", "routers.py"} <= files, files
   assert {r["pass"] for r in rec["by_source"]} == {"fwd", "bwd"}
   assert rec["attributed_ms_per_step"] == pytest.approx(
-      sum(r["ms"] for r in rec["by_source"]), rel=0.01, abs=0.05)
+      sum(r["ms"] for r in rec["by_source"]), abs=0.01)
 
 
 def test_profile_follows_the_serving_engine_state():
-  from mor import bench
   eng, st = bench.decode_engine(2, batch=4, d_model=32, num_heads=2, num_kv_heads=1,
                                 vocab=64, max_len=16, steps_per_call=4)
   seen = []

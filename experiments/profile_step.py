@@ -5,8 +5,8 @@ calls of the MoR serving engine at bench_decode's defaults: d 192, 6 / 2 KV
 heads, vocab 512, cache 128, --decode_batch slots, times per engine step)
 under jax.profiler and prints
 JSON: the time attributed to each source line of `mor` (forward and backward
-separately) and the largest HLO ops (see mor.profiling for how concurrent
-thunks are shared). Train shapes and flags as bench_train; --trace_dir keeps
+separately) and the largest HLO ops, each with the part of its time during
+which nothing else ran (see mor.profiling for how concurrent thunks are shared). Train shapes and flags as bench_train; --trace_dir keeps
 the trace for TensorBoard / xprof.
 The issue-12 shape: --vocab 8192 --num_heads 8 --num_kv_heads 4 --batch 8.
 """
@@ -53,17 +53,19 @@ def main():
   t = time.perf_counter()
   ops = profiling.profile(fn, *inputs, repeats=args.repeats, trace_dir=args.trace_dir or None,
                           feed=feed)
-  ops = [o._replace(ms=o.ms / per, count=o.count / per) for o in ops]
+  ops = [o._replace(ms=o.ms / per, alone_ms=o.alone_ms / per, count=o.count / per)
+         for o in ops]
   wall = time.perf_counter() - t
   print(json.dumps({
       "model": f"mor_ec{args.decode} engine" if args.decode else args.model,
       "profiled_calls": args.repeats, "engine_steps_per_call": per if args.decode else None,
       "attributed_ms_per_step": round(sum(o.ms for o in ops), 3),
       "wall_s_with_compile": round(wall, 1),
-      "by_source": [{"source": src, "pass": p, "ms": ms} for src, p, ms in
-                    profiling.by_source(ops)[:args.top]],
-      "top_ops": [dict(op=o.op, ms=round(o.ms, 3), count=o.count, source=o.source,
-                       backward=o.backward) for o in ops[:args.top]],
+      "by_source": [{"source": src, "pass": p, "ms": ms, "alone_ms": alone}
+                    for src, p, ms, alone in profiling.by_source(ops)[:args.top]],
+      "top_ops": [dict(op=o.op, ms=round(o.ms, 3), alone_ms=round(o.alone_ms, 3),
+                       count=o.count, source=o.source, backward=o.backward)
+                  for o in ops[:args.top]],
   }, indent=1))
 
 

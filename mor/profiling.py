@@ -15,8 +15,9 @@ and some run asynchronously (Eigen dots, loop fusions partitioned over the
 thread pool): a thunk's span ends at its `end:` event when the trace has one,
 not at its launch event's duration. Time is therefore split
 evenly among the thunks running at each instant, so the shares add up to the
-time any thunk was running. A share is what an op occupied, not what removing it
-would save: on the 2-core CPU, ops that overlap others were often free to drop
+time any thunk was running; `alone_ms` is the part of a share during which no
+other thunk ran (the op held up everything). A share is what an op occupied, not
+what removing it would save: on the 2-core CPU, ops that overlap others were often free to drop
 (NOTES.md, issue 12). Loop instructions (while, call, conditional) are skipped;
 their bodies' thunks are counted. Only launches of the profiled module count
 (a `feed` that runs other jitted code adds nothing). On several devices, times
@@ -41,6 +42,7 @@ _TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 class OpTime(NamedTuple):
   op: str             # HLO instruction name
   ms: float           # mean share per call, milliseconds
+  alone_ms: float     # of which no other thunk was running (per call)
   count: float        # executions per call
   source: str         # "file.py:function:line" of the innermost frame under the package
   backward: bool      # emitted under a transpose (the backward pass)
@@ -96,7 +98,7 @@ def attribute(events: list[dict], hlo_text: str, calls: int, package: str = "mor
         "hlo_module", module) == module:     # other jitted calls in the trace are not ours
       pending[name].append((e["ts"], e["ts"] + e["dur"]))
   spans += [(name, start, stop) for name, q in pending.items() for start, stop in q]
-  share, count = collections.Counter(), collections.Counter()
+  share, alone, count = collections.Counter(), collections.Counter(), collections.Counter()
   # at equal times starts sort first, so a zero-length span opens and closes at once
   edges = sorted([(s, 0, i) for i, (_, s, _) in enumerate(spans)] +
                  [(t, 1, i) for i, (_, _, t) in enumerate(spans)])
@@ -105,26 +107,32 @@ def attribute(events: list[dict], hlo_text: str, calls: int, package: str = "mor
     if running and last is not None:
       for j in running:
         share[j] += (t - last) / len(running)
+      if len(running) == 1:
+        alone[next(iter(running))] += t - last
     last = t
     if kind == 0:
       running.add(i)
       count[spans[i][0]] += 1
     else:
       running.discard(i)
-  per_op = collections.Counter()
+  per_op, per_op_alone = collections.Counter(), collections.Counter()
   for i, us in share.items():
     per_op[spans[i][0]] += us
-  return [OpTime(op, us / 1e3 / calls, count[op] / calls, source(meta[op][0]),
-                 "transpose(" in meta[op][1])
+    per_op_alone[spans[i][0]] += alone[i]
+  return [OpTime(op, us / 1e3 / calls, per_op_alone[op] / 1e3 / calls, count[op] / calls,
+                 source(meta[op][0]), "transpose(" in meta[op][1])
           for op, us in per_op.most_common()]
 
 
-def by_source(ops: list[OpTime]) -> list[tuple[str, str, float]]:
-  """(source line, "fwd"/"bwd", ms per call), largest first."""
-  total = collections.Counter()
+def by_source(ops: list[OpTime]) -> list[tuple[str, str, float, float]]:
+  """(source line, "fwd"/"bwd", ms, alone ms) per call, largest first."""
+  total, alone = collections.Counter(), collections.Counter()
   for o in ops:
-    total[(o.source, "bwd" if o.backward else "fwd")] += o.ms
-  return [(src, p, round(ms, 3)) for (src, p), ms in total.most_common()]
+    key = (o.source, "bwd" if o.backward else "fwd")
+    total[key] += o.ms
+    alone[key] += o.alone_ms
+  return [(src, p, round(ms, 3), round(alone[(src, p)], 3))
+          for (src, p), ms in total.most_common()]
 
 
 def _instructions(hlo_text: str, package: str):

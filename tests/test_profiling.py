@@ -66,6 +66,9 @@ def test_concurrent_thunks_share_time_and_async_thunks_end_at_their_end_event():
   assert ops["fusion.1"].ms == pytest.approx((4 + 6 / 2) / 1e3 / 2)
   assert ops["dot.3"].ms == pytest.approx((6 / 2 + 10) / 1e3 / 2)
   assert ops["fusion.2"].ms == pytest.approx(4 / 1e3 / 2)
+  # alone: fusion.1 for 4 us, dot.3 for 10, fusion.2 for 4; nothing while they overlap
+  assert [ops[k].alone_ms * 2e3 for k in ("fusion.1", "dot.3", "fusion.2")] == pytest.approx(
+      [4, 10, 4])
   assert sum(o.ms for o in ops.values()) == pytest.approx(24 / 1e3 / 2)   # busy time
   assert ops["dot.3"].count == 0.5
   # frame 2 lies outside the package: the walk reaches its caller in pkg/a.py
@@ -82,7 +85,7 @@ def test_zero_length_spans_and_other_modules_take_no_time():
       _ev("fusion.2", 20, 8, module="jit_other"),   # same name, another jitted function
   ]
   ops = {o.op: o for o in profiling.attribute(events, HLO, calls=1, package="pkg")}
-  assert "fusion.2" not in ops and ops.get("fusion.1", profiling.OpTime("", 0, 0, "", 0)).ms == 0
+  assert "fusion.2" not in ops and ops.get("fusion.1", ops["dot.3"]._replace(ms=0)).ms == 0
   assert ops["dot.3"].ms == pytest.approx(10 / 1e3)
 
 

@@ -3,11 +3,11 @@
 Runs the jitted train step of one bench_train model (or, with --decode N_r,
 calls of the MoR serving engine at bench_decode's defaults: d 192, 6 / 2 KV
 heads, vocab 512, cache 128, --decode_batch slots, times per engine step)
-under jax.profiler and prints
-JSON: the time attributed to each source line of `mor` (forward and backward
-separately) and the largest HLO ops, each with the part of its time during
-which nothing else ran (see mor.profiling for how concurrent thunks are shared). Train shapes and flags as bench_train; --trace_dir keeps
-the trace for TensorBoard / xprof.
+under jax.profiler and prints JSON: the time attributed to each source line of
+`mor` (forward and backward separately) and the largest HLO ops, each with the
+part of its time during which nothing else ran (see mor.profiling for how
+concurrent thunks are shared). Train shapes and flags as bench_train;
+--trace_dir keeps the trace for TensorBoard / xprof.
 The issue-12 shape: --vocab 8192 --num_heads 8 --num_kv_heads 4 --batch 8.
 """
 import argparse

@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks in experiments/ (they print JSON)."""
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 
 from mor import flops, metrics, sharding, train
-from mor.config import Config
+from mor.config import Config, ModelConfig, RouterConfig
 
 
 def compiled_stats(fn, *args) -> dict:
@@ -161,29 +162,43 @@ def bench_train_step(cfg: Config, repeats: int = 5, devices=None,
 UNIT = {2: 15, 3: 10, 4: 8}   # the paper's plans: 1 + B x N_r + 1 layers
 
 
+def decode_config(kind: str, layers: int, n: int = 1, caps=(), *, d_model: int, num_heads: int,
+                  num_kv_heads: int, vocab: int, max_len: int):
+  """ModelConfig of a bench_decode model: middle-cycle sharing, FFN 3 x d_model."""
+  return ModelConfig(kind=kind, vocab_size=vocab, num_layers=layers, d_model=d_model,
+                     num_heads=num_heads, num_kv_heads=num_kv_heads, ffn_dim=3 * d_model,
+                     max_seq_len=max_len, num_recursions=n, sharing="middle_cycle",
+                     router=RouterConfig(capacities=tuple(caps)))
+
+
+def capacity_schedule(n: int, max_len: int) -> tuple[list[float], dict]:
+  """Capacity fractions (N_r - r + 1) / N_r and the Engine kwargs that realise them exactly.
+
+  A periodic forced depth schedule replaces the routers' decisions, and the per-depth
+  caches are sized at the fractions (+2 entries: the schedule never overflows them).
+  """
+  caps = [(n - r) / n for r in range(n)]
+  return caps, dict(forced_depths=tuple(range(n, 0, -1)),
+                    slots=[min(1.0, c + 2.0 / max_len) for c in caps])
+
+
 def decode_engine(n: int = 4, batch: int = 32, d_model: int = 192, num_heads: int = 6,
                   num_kv_heads: int = 2, vocab: int = 512, max_len: int = 128,
                   steps_per_call: int = 24, seed: int = 0):
   """(engine, state) of bench_decode's MoR row: the paper's N_r plan at the capacity schedule.
 
-  Untrained routers replaced by the forced depth schedule (fractions (N_r - r + 1) / N_r),
-  per-depth caches at those fractions, 6 x batch random 4-token requests queued and
-  one call already advanced (slots full), for timing or profiling `eng._chunk_fn()`.
-  steps_per_call 24: bench_decode's at N_r = 4 and its default --steps.
+  6 x batch random 4-token requests queued and one call already advanced (slots
+  full), for timing or profiling `eng._chunk_fn()`. steps_per_call 24: bench_decode's
+  at N_r = 4 and its default --steps.
   """
-  from mor.config import ModelConfig, RouterConfig
   from mor.models import build_model
   from mor.serving import Engine
   if n not in UNIT:
     raise ValueError(f"decode_engine: num_recursions={n}; choose one of {sorted(UNIT)}")
-  caps = [(n - r) / n for r in range(n)]
-  cfg = ModelConfig(kind="mor", vocab_size=vocab, num_layers=2 + UNIT[n] * n, d_model=d_model,
-                    num_heads=num_heads, num_kv_heads=num_kv_heads, ffn_dim=3 * d_model,
-                    max_seq_len=max_len, num_recursions=n, sharing="middle_cycle",
-                    router=RouterConfig(capacities=tuple(caps)))
-  eng = Engine(build_model(cfg, seed), batch, max_len, steps_per_call=steps_per_call,
-               forced_depths=tuple(range(n, 0, -1)),
-               slots=[min(1.0, c + 2.0 / max_len) for c in caps])
+  caps, kw = capacity_schedule(n, max_len)
+  cfg = decode_config("mor", 2 + UNIT[n] * n, n, caps, d_model=d_model, num_heads=num_heads,
+                      num_kv_heads=num_kv_heads, vocab=vocab, max_len=max_len)
+  eng = Engine(build_model(cfg, seed), batch, max_len, steps_per_call=steps_per_call, **kw)
   rng = np.random.default_rng(seed)
   for _ in range(6 * batch):
     eng.submit(rng.integers(0, vocab, 4), max_len - 4)
@@ -240,19 +255,14 @@ def bench_decode(args) -> tuple[list[dict], dict]:
   from flax import nnx
 
   from mor import decode, routers as R
-  from mor.config import ModelConfig, RouterConfig
   from mor.models import build_model
   from mor.serving import Engine
 
   t_start = time.perf_counter()
   T, B = args.max_len, args.batch
 
-  def cfg(kind, layers, n=1, caps=()):
-    return ModelConfig(kind=kind, vocab_size=args.vocab, num_layers=layers,
-                       d_model=args.d_model, num_heads=args.num_heads,
-                       num_kv_heads=args.num_kv_heads, ffn_dim=3 * args.d_model,
-                       max_seq_len=T, num_recursions=n, sharing="middle_cycle",
-                       router=RouterConfig(capacities=tuple(caps)))
+  cfg = functools.partial(decode_config, d_model=args.d_model, num_heads=args.num_heads,
+                          num_kv_heads=args.num_kv_heads, vocab=args.vocab, max_len=T)
 
   def plain(model, batch):
     """Timed call, compiled stats and KV bytes of `steps` jitted decode steps."""
@@ -316,10 +326,8 @@ def bench_decode(args) -> tuple[list[dict], dict]:
   vanilla_kv = {r["layers"]: r["kv_bytes"] for r in runs if r["model"].startswith("vanilla")}
   for n in map(int, args.recursions.split(",")):
     layers = 2 + UNIT[n] * n
-    caps = [(n - r) / n for r in range(n)]
+    caps, kw = capacity_schedule(n, T)
     mor = build_model(cfg("mor", layers, n, caps), 0)
-    kw = dict(forced_depths=tuple(range(n, 0, -1)),
-              slots=[min(1.0, c + 2.0 / T) for c in caps])   # the schedule never overflows
     per_slot = Engine(mor, 1, T, **kw).kv_bytes()["total"]
     budget = int(vanilla_kv[layers] // per_slot)
     for batch in (B, budget):

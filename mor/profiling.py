@@ -18,7 +18,7 @@ thunks running at each instant, so the shares add up to the time any thunk
 was running; `alone_ms` is the part of a share during which no other thunk ran
 (the op held up everything). A share is what an op occupied, not what removing
 it would save: on the 2-core CPU, ops that overlap others were often free to
-drop (NOTES.md, issue 12). Loop instructions (while, call, conditional) are
+drop (docs/notes/train_step.md, issue 12). Loop instructions (while, call, conditional) are
 skipped; their bodies' thunks are counted. Only launches of the profiled module
 count (a `feed` that runs other jitted code adds nothing). On several devices,
 times and counts add up over the devices.

@@ -38,7 +38,7 @@ def test_360m_plan_reproduces_the_papers_token_column():
 
   Every row is within 10% of the paper except KV sharing, whose known residual
   (-11.4%: sharing's attention over all earlier keys costs more than its skipped
-  K/V projections save, README "FLOP convention") is pinned so it cannot drift.
+  K/V projections save, docs/flops.md) is pinned so it cannot drift.
   """
   runs = sweep.variant_sweep(list(PAPER_TOKENS_360M), "360m")
   got = {p["name"]: p["tokens"] / 1e9 for p in sweep.plan(runs)}

@@ -8,7 +8,7 @@ from mor import config, flops
 from mor.models import build_model
 
 SEQ = 64
-TOL = 0.03   # NOTES.md and the README quote this bound; measured worst case is in NOTES.md
+TOL = 0.03   # docs/flops.md quotes this bound; measured worst case: docs/notes/train_step.md
 
 
 def tiny(kind, **kw):

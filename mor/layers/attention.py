@@ -85,7 +85,8 @@ def _block_size(s: int) -> int:
 
 
 # (batch, KV head) rows per iteration of the blocked kernel's loop, fastest on the CPU
-# (NOTES.md: 4 of the 32 rows at the issue-12 shape: forward 9-10 ms against 27-29 unlooped)
+# (docs/notes/train_step.md: 4 of the 32 rows at the issue-12 shape: forward 9-10 ms
+# against 27-29 unlooped)
 ROWS_PER_ITERATION = 4
 
 
@@ -132,7 +133,7 @@ def _blocked_core(q_RxIxQxH, k_RxTxH, v_RxTxH, kpos_RxT, qpos_RxS, qb: int, iter
   3x faster on the CPU. The custom VJP keeps the loop in the backward too (autodiff
   of the loop stacked per-iteration residuals and ran slower) and saves only each
   row's log-sum-exp: recomputing the probabilities in cache beat saving them
-  (33-41 ms against 55-66 ms forward + backward per layer; NOTES.md).
+  (33-41 ms against 55-66 ms forward + backward per layer; docs/notes/train_step.md).
   """
   return _blocked_fwd(q_RxIxQxH, k_RxTxH, v_RxTxH, kpos_RxT, qpos_RxS, qb, iters)[0]
 

@@ -8,7 +8,7 @@ from flax import nnx
 from mor.layers import lora as lora_lib
 from mor.layers.basic import merge_strided, num_chunks, param, split_strided
 
-# tokens per iteration of the backward loop (NOTES.md: 1024 ran the MLP's forward +
+# tokens per iteration of the backward loop (docs/notes/train_step.md: 1024 ran the MLP's forward +
 # backward 1.6x faster than autodiff over all 4096 tokens of a batch on the CPU)
 BACKWARD_CHUNK_TOKENS = 1024
 

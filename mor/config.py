@@ -410,9 +410,9 @@ VARIANTS = {
 }
 
 # `--scale cpu`: the shape, data and optimiser chosen so that recursion matters on 2 CPU
-# cores (README "Results"); filled by cpu_config.
+# cores (docs/results.md); filled by cpu_config.
 # A small vocabulary and short batches: the LM head is a smaller share of the FLOPs, and a
-# FLOP budget buys more optimiser steps (probes in README "Results").
+# FLOP budget buys more optimiser steps (probes in docs/results.md).
 CPU_MODEL = dict(vocab_size=2048, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
                  max_seq_len=64)
 CPU_DATA = dict(seq_len=64, batch_size=8)

@@ -85,7 +85,7 @@ def lm_head_cross_entropy(h_BxSxD: jax.Array, w_DxV: jax.Array, targets_BxS: jax
   each chunk's f32 logits, its log-sum-exp and, under differentiation, the
   gradients of h and w at once (softmax minus one-hot): the logits never leave
   the chunk and no pass re-reads them; three matmuls per chunk, as the plain
-  version does. 1024 tokens was fastest at V = 8192 on the 2-core CPU (NOTES.md).
+  version does. 1024 tokens was fastest at V = 8192 on the 2-core CPU (docs/notes/train_step.md).
   """
   b, s, d = h_BxSxD.shape
   c = max(1, min(s, chunk_tokens // b))

@@ -116,9 +116,29 @@ class MeshConfig:
   expert: int = 1
 
 
+TASKS = ("hops", "assign")            # depth tasks, data.corpus = "task:NAME" (mor.data.tasks)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+  """A depth task's parameters (used when data.corpus is 'task:hops' or 'task:assign')."""
+  min_difficulty: int = 1             # training difficulties: hop counts / dependency depths
+  max_difficulty: int = 4
+  eval_max_difficulty: int = 8        # held-out range for test-time depth (fixes hops' ids)
+  symbols: int = 4                    # hops: alphabet size
+  variables: int = 16                 # assign: variable names
+  modulus: int = 7                    # assign: values mod this prime
+
+  def vocab_size(self, task: str) -> int:
+    """Ids a task uses (mor.data.tasks lays them out)."""
+    if task == "hops":      # answers 0..A-1, NONE, then one id per (symbol, hop count)
+      return self.symbols + 1 + self.symbols * self.eval_max_difficulty
+    return self.modulus + self.variables + 5   # numbers, variables, + * -, '=', padding
+
+
 @dataclass(frozen=True)
 class DataConfig:
-  corpus: str = "default"             # default | tfds:NAME | path to a folder of text
+  corpus: str = "default"             # default | tfds:NAME | path to text | task:hops|assign
   tokenizer: str = ""                 # SentencePiece model file; "" = train on corpus
   data_dir: str = ""                  # tfds data_dir / cache; "" = ~/.cache/mor
   seq_len: int = 256
@@ -126,6 +146,7 @@ class DataConfig:
   eval_fraction: float = 0.02
   seed: int = 0
   shuffle_window: int = 2048          # packed rows mixed by grain's window shuffle (1 = off)
+  task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass(frozen=True)
@@ -255,6 +276,8 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if not 0 < d.eval_fraction < 1:
     raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+  if d.corpus.startswith("task:"):
+    _validate_task(cfg)
   t = cfg.train
   _choice("train.schedule", t.schedule, SCHEDULES)
   _choice("train.flop_convention", t.flop_convention, FLOP_CONVENTIONS)
@@ -266,6 +289,27 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by "
                       f"train.grad_accum={t.grad_accum}")
   return cfg
+
+
+def _validate_task(cfg: Config) -> None:
+  d, t = cfg.data, cfg.data.task
+  name = d.corpus.split(":", 1)[1]
+  _choice("data.corpus", d.corpus, tuple(f"task:{n}" for n in TASKS))
+  if not 1 <= t.min_difficulty <= t.max_difficulty <= t.eval_max_difficulty:
+    raise ConfigError(f"data.task: need 1 <= min_difficulty ({t.min_difficulty}) <= "
+                      f"max_difficulty ({t.max_difficulty}) <= eval_max_difficulty "
+                      f"({t.eval_max_difficulty})")
+  if t.symbols < 2 or t.modulus < 2:
+    raise ConfigError(f"data.task.symbols={t.symbols} and data.task.modulus={t.modulus} "
+                      "must be >= 2")
+  if name == "assign" and (d.seq_len < 5 or t.variables < d.seq_len // 5):
+    raise ConfigError(f"data.task.variables={t.variables} must be >= data.seq_len // 5 = "
+                      f"{d.seq_len // 5} (one fresh variable per 5-token statement), and "
+                      "data.seq_len >= 5")
+  need = t.vocab_size(name)
+  if cfg.model.vocab_size < need:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for "
+                      f"data.corpus={d.corpus!r}: it needs >= {need}")
 
 
 def _build(cls, values: Mapping[str, Any], prefix: str):

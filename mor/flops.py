@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from mor.config import ModelConfig
 from mor.models.sharing import make_plan
@@ -132,6 +133,39 @@ def layer_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, hardware: b
       layers.append(_layer(cfg, f"suffix{b}", s, s, causal))
   layers.append(LayerFlops("lm_head", s, 0.0, 0.0, s * 2 * cfg.d_model * cfg.vocab_size))
   return layers
+
+
+def routed_forward_flops_per_token(cfg: ModelConfig, seq_len: int,
+                                   active_per_recursion: Sequence[float],
+                                   causal: bool = True) -> float:
+  """Forward FLOPs per token when recursion r ran on active_per_recursion[r] tokens per sequence.
+
+  The realised-routing count: the prefix, suffix and LM head run on all S tokens;
+  the shared unit runs once per recursion on that recursion's active tokens, for
+  as many recursions as listed (fewer or more than N_r: test-time depth). Keys
+  as in `layer_flops`: among the active tokens (recursive KV caching) or all S
+  after the first recursion (KV sharing, which also skips later K/V projections).
+  Routers (MoR) and LoRA adapters are counted as in `layer_flops`. With the
+  static capacities of a MoR config it equals `forward_flops_per_token`.
+  """
+  from mor.layers import lora
+  if cfg.kind not in ("recursive", "mor"):
+    raise ValueError(f"routed FLOPs need a recursive or mor model, got kind={cfg.kind!r}")
+  s, plan = seq_len, make_plan(cfg)
+  mor = cfg.kind == "mor"
+  share = mor and cfg.router.kv == "share"
+  adapters = lora.flops_per_token(cfg)
+  total = sum(_layer(cfg, "", s, s, causal).total for _ in (*plan.prefix, *plan.suffix))
+  if mor and cfg.router.routing == "token_choice":
+    total += s * 2 * cfg.d_model * cfg.num_recursions
+  for r, k in enumerate(active_per_recursion):
+    for i in range(len(plan.unit)):
+      router = k * adapters
+      if mor and i == 0 and cfg.router.routing == "expert_choice":
+        router += (s if r == 0 else active_per_recursion[r - 1]) * _ec_router_flops(cfg)
+      total += _layer(cfg, "", k, s if share and r > 0 else k, causal,
+                      project_kv=not (share and r > 0), router=router).total
+  return (total + s * 2 * cfg.d_model * cfg.vocab_size) / s
 
 
 def _ec_router_flops(cfg: ModelConfig) -> float:

@@ -87,15 +87,26 @@ def table_rows(rows: Sequence[dict], tasks: Sequence[str] = DEFAULT_TASKS) -> li
   return out
 
 
+def order_by_spread(a: str, a_values: Sequence[float], b: str, b_values: Sequence[float]) -> str:
+  """'a < b', 'a > b' or 'tie': an order only where the gap of the means exceeds the larger
+  spread (max - min over seeds) of the two; the one rule every table here calls orders by."""
+  spread = lambda v: float(np.max(v) - np.min(v))
+  return _order(a, b, float(np.mean(a_values) - np.mean(b_values)),
+                max(spread(a_values), spread(b_values)))
+
+
+def _order(a: str, b: str, gap: float, spread: float) -> str:
+  if abs(gap) <= spread:
+    return "tie"
+  return f"{a} < {b}" if gap < 0 else f"{a} > {b}"
+
+
 def ordering(rows: Sequence[dict], a: str, b: str, key: str = "nll_causal") -> str:
   """'a < b', 'a > b' (lower NLL is better) or 'tie' where the gap is within the seed spread."""
   flat = {r["model"]: r for r in table_rows(rows)}
   pick = lambda n: next(v for k, v in flat.items() if k.endswith(f"({n})"))
   ra, rb = pick(a), pick(b)
-  gap = ra[key] - rb[key]
-  if abs(gap) <= max(ra[f"{key}_spread"], rb[f"{key}_spread"]):
-    return "tie"
-  return f"{a} < {b}" if gap < 0 else f"{a} > {b}"
+  return _order(a, b, ra[key] - rb[key], max(ra[f"{key}_spread"], rb[f"{key}_spread"]))
 
 
 def to_csv(rows: Sequence[dict], tasks: Sequence[str] = DEFAULT_TASKS) -> str:

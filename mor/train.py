@@ -77,8 +77,12 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
 
 
 def lm_head_cross_entropy(h_BxSxD: jax.Array, w_DxV: jax.Array, targets_BxS: jax.Array,
-                          chunk_tokens: int = 1024) -> jax.Array:
+                          chunk_tokens: int = 1024, mask_BxS: jax.Array | None = None
+                          ) -> jax.Array:
   """cross_entropy(h @ w, targets) without materialising all [B*S, V] logits.
+
+  mask_BxS (optional, 1 = scored): the mean runs over the masked positions only
+  (depth tasks score answers, not every token).
 
   A scan over sequence chunks (about `chunk_tokens` tokens of the batch each;
   the batch axis stays whole, so data-parallel sharding is untouched) computes
@@ -91,12 +95,14 @@ def lm_head_cross_entropy(h_BxSxD: jax.Array, w_DxV: jax.Array, targets_BxS: jax
   c = max(1, min(s, chunk_tokens // b))
   pad = -s % c
   tgt_BxS = targets_BxS.astype(jnp.int32)
-  weight_BxS = jnp.ones((b, s), jnp.float32)
+  weight_BxS = (jnp.ones((b, s), jnp.float32) if mask_BxS is None
+                else mask_BxS.astype(jnp.float32))
+  count = b * s if mask_BxS is None else jnp.maximum(weight_BxS.sum(), 1.0)
   if pad:
     h_BxSxD = jnp.pad(h_BxSxD, ((0, 0), (0, pad), (0, 0)))
     tgt_BxS, weight_BxS = jnp.pad(tgt_BxS, ((0, 0), (0, pad))), jnp.pad(weight_BxS,
                                                                       ((0, 0), (0, pad)))
-  return _chunked_ce(h_BxSxD, w_DxV.astype(h_BxSxD.dtype), tgt_BxS, weight_BxS, c) / (b * s)
+  return _chunked_ce(h_BxSxD, w_DxV.astype(h_BxSxD.dtype), tgt_BxS, weight_BxS, c) / count
 
 
 def _ce_scan(h_BxSxD, w_DxV, tgt_BxS, weight_BxS, c: int, grads: bool):
@@ -159,7 +165,8 @@ def _forward(graphdef, params, rest, batch, step, routing: str = "topk"):
   model = nnx.merge(graphdef, params, rest, copy=True)
   # the head and the loss run chunked (lm_head_cross_entropy): all logits never exist
   h, _, aux = model(batch["inputs"], step=step, routing=routing, head=False)
-  nll = lm_head_cross_entropy(h, model.head_weight(), batch["targets"])
+  nll = lm_head_cross_entropy(h, model.head_weight(), batch["targets"],
+                              mask_BxS=batch.get("mask"))
   return total_loss(nll, aux), (nll, aux, nnx.state(model, nnx.Not(nnx.Param)))
 
 

@@ -197,7 +197,14 @@ def _hold_out_tail(docs: grain.MapDataset, cfg: DataConfig) -> tuple[grain.MapDa
 
 def make_data(cfg: DataConfig, vocab_size: int, process_index: int = 0,
               process_count: int = 1) -> Data:
-  """Corpus -> tokenizer -> grain streams: this process's training iterator and the eval set."""
+  """Corpus -> tokenizer -> grain streams: this process's training iterator and the eval set.
+
+  data.corpus='task:NAME' returns a depth task's generated streams instead
+  (mor.data.tasks.TaskData: same interface, no tokenizer).
+  """
+  if cfg.corpus.startswith("task:"):
+    from mor.data import tasks
+    return tasks.make_task_data(cfg, process_index, process_count)
   local = _local_batch(cfg.batch_size, process_index, process_count)  # fail before any work
   data_dir = corpus_lib.resolve_data_dir(cfg.data_dir)
   splits = tfds_text.open_corpus(cfg.corpus, data_dir, cfg.eval_fraction)

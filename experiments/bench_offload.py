@@ -21,7 +21,8 @@ import jax
 
 from mor.config import MoEConfig, tiny_model
 from mor.models import build_model
-from mor.offload import VARIANTS, benchmark
+from mor.bench import bench_offload
+from mor.offload import VARIANTS
 
 
 def main():
@@ -54,10 +55,10 @@ def main():
   records = []
   for gbps in (float(x) for x in a.link_gbps.split(",")):
     for quant in a.quant.split(","):
-      records += benchmark(model, prompt, a.tokens, cache_size=a.cache_size, quant=quant,
-                           variants=a.variants.split(","), rounds=a.rounds,
-                           temperature=a.temperature, link_bytes_per_s=gbps * 1e9,
-                           seed=a.seed)
+      records += bench_offload(model, prompt, a.tokens, cache_size=a.cache_size, quant=quant,
+                               variants=a.variants.split(","), rounds=a.rounds,
+                               temperature=a.temperature, link_bytes_per_s=gbps * 1e9,
+                               seed=a.seed)
   for r in records:
     r["device"] = jax.devices()[0].platform
     r["counts_note"] = "hits/misses/bytes are counts per decode; on CPU no real transfer"

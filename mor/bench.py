@@ -248,149 +248,227 @@ def bench_decode(args) -> tuple[list[dict], dict]:
   its timed call, then timed in `rounds` interleaved rounds; records carry the
   best and the median round. Returns (records, timings).
   """
-  import dataclasses
-
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from mor import decode, routers as R
-  from mor.models import build_model
-  from mor.serving import Engine
-
   t_start = time.perf_counter()
-  T, B = args.max_len, args.batch
+  runs = _decode_runs(args)                    # set up: build and compile every run
+  build_s = time.perf_counter() - t_start
+  # warm up (each run once on its timed call), then time in interleaved rounds
+  times = time_interleaved({i: r["fn"] for i, r in enumerate(runs)}, args.rounds)
+  records = [_decode_record(r, times[i]) for i, r in enumerate(runs)]
+  _add_vanilla_ratios(records, args.batch)
+  return records, {"setup_s": round(build_s, 1),
+                   "total_s": round(time.perf_counter() - t_start, 1)}
 
-  cfg = functools.partial(decode_config, d_model=args.d_model, num_heads=args.num_heads,
-                          num_kv_heads=args.num_kv_heads, vocab=args.vocab, max_len=T)
 
-  def plain(model, batch):
-    """Timed call, compiled stats and KV bytes of `steps` jitted decode steps."""
-    graphdef, state = nnx.split(model)
+def _decode_runs(args) -> list[dict]:
+  """Every run of bench_decode, built and compiled: vanilla and recursive scans, engines."""
+  recursions = [int(n) for n in args.recursions.split(",")]
+  runs = _vanilla_runs(args, sorted({34} | {2 + UNIT[n] * n for n in recursions}))
+  vanilla_kv = {r["layers"]: r["kv_bytes"] for r in runs if r["model"].startswith("vanilla")}
+  for n in recursions:
+    runs += _mor_runs(args, n, vanilla_kv[2 + UNIT[n] * n])
+  if not args.no_trained:
+    runs += _trained_runs(args)
+  return runs
 
-    def run(state, caches):
-      m = nnx.merge(graphdef, state)
-      def body(caches, t):
-        logits, caches = decode.decode_step(m, jnp.zeros((batch,), jnp.int32),
-                                            jnp.full((batch,), t, jnp.int32), caches)
-        return caches, decode.sample(logits, None)
-      return jax.lax.scan(body, caches, jnp.arange(args.steps))
 
-    fn = jax.jit(run)
-    caches = model.init_caches(batch, T)
-    kv = sum(c.num_bytes for c in caches)
-    stats = compiled_stats(fn, state, caches)
-    return (lambda: fn(state, caches)), args.steps * batch, kv, stats
+def _model_config(args, *a):
+  return decode_config(*a, d_model=args.d_model, num_heads=args.num_heads,
+                       num_kv_heads=args.num_kv_heads, vocab=args.vocab, max_len=args.max_len)
 
-  def served(model, batch, n, prompts=None, **kw):
-    """Timed engine advance over a request queue; tokens counted from the engine.
 
-    prompts: token rows to draw 4-token prompts from (held-out text), else random ids.
-    """
-    eng = Engine(model, batch, T, steps_per_call=max(8, int(args.steps * 34 / (2 + 8 * n))),
-                 **kw)
-    rng = np.random.default_rng(0)
-    vocab = model.cfg.vocab_size
-    for i in range(6 * batch):          # far more work than the timed rounds need
-      p = (rng.integers(0, vocab, 4) if prompts is None else
-           prompts[i % len(prompts), (i // len(prompts)) % (prompts.shape[1] - 4):][:4])
-      eng.submit(p, T - 4)
-    holder = {"st": eng.start(), "tokens": [], "rows": []}
-    stats = compiled_stats(eng._chunk_fn(), eng.params, holder["st"])
-    holder["st"], _ = eng.advance(holder["st"])          # slots fill up before timing
+def _vanilla_runs(args, layer_counts) -> list[dict]:
+  """Vanilla of each applied depth (scan, and engine unless no_vanilla_engine); recursive 34.
 
-    def call():
-      before, rows = eng.stats["tokens_processed"], eng.stats["unit_rows"]
-      holder["st"], _ = eng.advance(holder["st"])
-      holder["tokens"].append(eng.stats["tokens_processed"] - before)
-      holder["rows"].append(eng.stats["unit_rows"] - rows)
-      return holder["st"].counters
-    return call, holder, eng.kv_bytes()["total"], stats, eng
-
-  # ---- build every run, then time them in interleaved rounds.
-  runs = []
-  # the recursive model uses the N_r = 4 plan (34 layers): its vanilla is always built
-  for layers in sorted({34} | {2 + UNIT[n] * n for n in map(int, args.recursions.split(","))}):
-    van = build_model(cfg("vanilla", layers), 0)
-    fn, toks, kv, st = plain(van, B)
-    runs.append(dict(model=f"vanilla{layers}", num_recursions=1, layers=layers, batch=B,
+  The recursive model uses the N_r = 4 plan (34 layers): its vanilla is always built.
+  """
+  from mor.models import build_model
+  runs, b = [], args.batch
+  for layers in layer_counts:
+    van = build_model(_model_config(args, "vanilla", layers), 0)
+    fn, toks, kv, st = _plain(args, van, b)
+    runs.append(dict(model=f"vanilla{layers}", num_recursions=1, layers=layers, batch=b,
                      path="decode_step scan", fn=fn, tokens=toks, kv_bytes=kv, **st))
     if not args.no_vanilla_engine:
-      fn, holder, kv, st, eng = served(van, B, 4)
-      runs.append(dict(model=f"vanilla{layers}", num_recursions=1, layers=layers, batch=B,
+      fn, holder, kv, st, _ = _served(args, van, b, 4)
+      runs.append(dict(model=f"vanilla{layers}", num_recursions=1, layers=layers, batch=b,
                        path="engine", fn=fn, holder=holder, kv_bytes=kv, **st))
-  rec = build_model(cfg("recursive", 34, 4), 0)
-  fn, toks, kv, st = plain(rec, B)
-  runs.append(dict(model="recursive", num_recursions=4, layers=34, batch=B,
+  rec = build_model(_model_config(args, "recursive", 34, 4), 0)
+  fn, toks, kv, st = _plain(args, rec, b)
+  runs.append(dict(model="recursive", num_recursions=4, layers=34, batch=b,
                    path="decode_step scan", fn=fn, tokens=toks, kv_bytes=kv, **st))
-  vanilla_kv = {r["layers"]: r["kv_bytes"] for r in runs if r["model"].startswith("vanilla")}
-  for n in map(int, args.recursions.split(",")):
-    layers = 2 + UNIT[n] * n
-    caps, kw = capacity_schedule(n, T)
-    mor = build_model(cfg("mor", layers, n, caps), 0)
-    per_slot = Engine(mor, 1, T, **kw).kv_bytes()["total"]
-    budget = int(vanilla_kv[layers] // per_slot)
-    for batch in (B, budget):
-      fn, holder, kv, st, eng = served(mor, batch, n, **kw)
-      runs.append(dict(model=f"mor_ec{n}", num_recursions=n, layers=layers, batch=batch,
-                       path="engine", fn=fn, holder=holder, kv_bytes=kv,
-                       compute_ratio=layers / (2 + UNIT[n] * sum(caps)), **st))
-  # ---- router-decided depths: a MoR whose routers were trained, against its vanilla twin
-  # and against the same model driven by the capacity schedule.
-  if not args.no_trained:
-    model, tcfg, label, data = trained_mor(args.checkpoint, args.train_steps, args.d_model)
-    mc, n = tcfg.model, tcfg.model.num_recursions
-    prompts = None
-    if data is not None:   # prompts from held-out text: routers see real hidden states
-      prompts = np.concatenate([b["inputs"] for b in data.eval_batches(2)])
-    van = build_model(dataclasses.replace(mc, kind="vanilla", num_layers=len(model.plan.applied),
-                                          max_seq_len=max(mc.max_seq_len, T)), 0)
-    fn, toks, kv, st = plain(van, B)
-    runs.append(dict(model=f"vanilla{len(model.plan.applied)}_twin", num_recursions=1,
-                     layers=len(model.plan.applied), batch=B, path="decode_step scan", fn=fn,
-                     tokens=toks, kv_bytes=kv, twin=True, **st))
-    caps = R.ec_fractions(mc)
-    for depth_rule, kw in (("routers", {}),
-                           ("capacity schedule", dict(forced_depths=tuple(range(n, 0, -1))))):
-      fn, holder, kv, st, eng = served(model, B, n, prompts=prompts, temperature=1.0, **kw)
-      runs.append(dict(model=f"mor_ec{n}_trained", num_recursions=n,
-                       layers=len(model.plan.applied), batch=B, path="engine", fn=fn,
-                       holder=holder, kv_bytes=kv, depths=depth_rule, source=label, twin=True,
-                       unit_blocks=len(model.plan.unit), other_blocks=len(model.plan.prefix) +
-                       len(model.plan.suffix), capacity_mean_depth=float(sum(caps)), **st))
-  build_s = time.perf_counter() - t_start
+  return runs
 
-  times = time_interleaved({i: r["fn"] for i, r in enumerate(runs)}, args.rounds)
-  records = []
-  for i, r in enumerate(runs):
-    if "holder" in r:   # the warm-up call's tokens come first
-      toks = r["holder"]["tokens"][-len(times[i]):]
-    else:
-      toks = [r["tokens"]] * len(times[i])
-    rates = sorted(t / max(k, 1) for t, k in zip(times[i], toks))
-    rec = {k: r[k] for k in ("model", "num_recursions", "layers", "batch", "path",
-                             "kv_bytes", "peak_mem_bytes") if k in r}
-    rec["tokens_per_s"] = 1.0 / rates[0]
-    rec["tokens_per_s_median"] = 1.0 / rates[len(rates) // 2]
-    rec["rounds"] = len(rates)
-    if "compute_ratio" in r:
-      rec["compute_ratio"] = r["compute_ratio"]
-    if "depths" in r:   # realised depths: unit rows per token over the timed calls
-      h = r["holder"]
-      mean_depth = sum(h["rows"][-len(times[i]):]) / max(1, sum(toks))
-      ub, ob = r["unit_blocks"], r["other_blocks"]
-      rec.update(depths=r["depths"], source=r["source"], mean_depth=mean_depth,
-                 capacity_mean_depth=r["capacity_mean_depth"],
-                 compute_ratio=r["layers"] / (ob + ub * mean_depth))
-    records.append(rec)
+
+def _mor_runs(args, n: int, vanilla_kv: int) -> list[dict]:
+  """MoR-EC of N_r = n on the capacity schedule, at --batch and at vanilla's KV budget."""
+  from mor.models import build_model
+  from mor.serving import Engine
+  layers = 2 + UNIT[n] * n
+  caps, kw = capacity_schedule(n, args.max_len)
+  mor = build_model(_model_config(args, "mor", layers, n, caps), 0)
+  per_slot = Engine(mor, 1, args.max_len, **kw).kv_bytes()["total"]
+  runs = []
+  for batch in (args.batch, int(vanilla_kv // per_slot)):
+    fn, holder, kv, st, _ = _served(args, mor, batch, n, **kw)
+    runs.append(dict(model=f"mor_ec{n}", num_recursions=n, layers=layers, batch=batch,
+                     path="engine", fn=fn, holder=holder, kv_bytes=kv,
+                     compute_ratio=layers / (2 + UNIT[n] * sum(caps)), **st))
+  return runs
+
+
+def _trained_runs(args) -> list[dict]:
+  """Router-decided depths: a MoR whose routers were trained, against its vanilla twin
+  and against the same model driven by the capacity schedule."""
+  import dataclasses
+
+  from mor import routers as R
+  from mor.models import build_model
+  model, tcfg, label, data = trained_mor(args.checkpoint, args.train_steps, args.d_model)
+  mc, n, applied = tcfg.model, tcfg.model.num_recursions, len(model.plan.applied)
+  prompts = None
+  if data is not None:   # prompts from held-out text: routers see real hidden states
+    prompts = np.concatenate([b["inputs"] for b in data.eval_batches(2)])
+  van = build_model(dataclasses.replace(mc, kind="vanilla", num_layers=applied,
+                                        max_seq_len=max(mc.max_seq_len, args.max_len)), 0)
+  fn, toks, kv, st = _plain(args, van, args.batch)
+  runs = [dict(model=f"vanilla{applied}_twin", num_recursions=1, layers=applied,
+               batch=args.batch, path="decode_step scan", fn=fn, tokens=toks, kv_bytes=kv,
+               twin=True, **st)]
+  caps = R.ec_fractions(mc)
+  for depth_rule, kw in (("routers", {}),
+                         ("capacity schedule", dict(forced_depths=tuple(range(n, 0, -1))))):
+    fn, holder, kv, st, _ = _served(args, model, args.batch, n, prompts=prompts,
+                                    temperature=1.0, **kw)
+    runs.append(dict(model=f"mor_ec{n}_trained", num_recursions=n, layers=applied,
+                     batch=args.batch, path="engine", fn=fn, holder=holder, kv_bytes=kv,
+                     depths=depth_rule, source=label, twin=True,
+                     unit_blocks=len(model.plan.unit), other_blocks=len(model.plan.prefix) +
+                     len(model.plan.suffix), capacity_mean_depth=float(sum(caps)), **st))
+  return runs
+
+
+def _plain(args, model, batch: int):
+  """Timed call, token count, KV bytes and compiled stats of `steps` jitted decode steps."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from mor import decode
+  graphdef, state = nnx.split(model)
+
+  def run(state, caches):
+    m = nnx.merge(graphdef, state)
+
+    def body(caches, t):
+      logits, caches = decode.decode_step(m, jnp.zeros((batch,), jnp.int32),
+                                          jnp.full((batch,), t, jnp.int32), caches)
+      return caches, decode.sample(logits, None)
+    return jax.lax.scan(body, caches, jnp.arange(args.steps))
+
+  fn = jax.jit(run)
+  caches = model.init_caches(batch, args.max_len)
+  kv = sum(c.num_bytes for c in caches)
+  stats = compiled_stats(fn, state, caches)
+  return (lambda: fn(state, caches)), args.steps * batch, kv, stats
+
+
+def _served(args, model, batch: int, n: int, prompts=None, **kw):
+  """Timed engine advance over a request queue; tokens counted from the engine.
+
+  prompts: token rows to draw 4-token prompts from (held-out text), else random ids.
+  Returns (call, holder of per-call tokens and unit rows, KV bytes, compiled stats, engine).
+  """
+  from mor.serving import Engine
+  t = args.max_len
+  eng = Engine(model, batch, t, steps_per_call=max(8, int(args.steps * 34 / (2 + 8 * n))),
+               **kw)
+  rng = np.random.default_rng(0)
+  vocab = model.cfg.vocab_size
+  for i in range(6 * batch):          # far more work than the timed rounds need
+    p = (rng.integers(0, vocab, 4) if prompts is None else
+         prompts[i % len(prompts), (i // len(prompts)) % (prompts.shape[1] - 4):][:4])
+    eng.submit(p, t - 4)
+  holder = {"st": eng.start(), "tokens": [], "rows": []}
+  stats = compiled_stats(eng._chunk_fn(), eng.params, holder["st"])
+  holder["st"], _ = eng.advance(holder["st"])          # slots fill up before timing
+
+  def call():
+    before, rows = eng.stats["tokens_processed"], eng.stats["unit_rows"]
+    holder["st"], _ = eng.advance(holder["st"])
+    holder["tokens"].append(eng.stats["tokens_processed"] - before)
+    holder["rows"].append(eng.stats["unit_rows"] - rows)
+    return holder["st"].counters
+  return call, holder, eng.kv_bytes()["total"], stats, eng
+
+
+def _decode_record(r: dict, times: list[float]) -> dict:
+  """One run's record: best and median tokens/s over its timed rounds (and realised depths)."""
+  if "holder" in r:   # the warm-up call's tokens come first
+    toks = r["holder"]["tokens"][-len(times):]
+  else:
+    toks = [r["tokens"]] * len(times)
+  rates = sorted(t / max(k, 1) for t, k in zip(times, toks))
+  rec = {k: r[k] for k in ("model", "num_recursions", "layers", "batch", "path",
+                           "kv_bytes", "peak_mem_bytes") if k in r}
+  rec["tokens_per_s"] = 1.0 / rates[0]
+  rec["tokens_per_s_median"] = 1.0 / rates[len(rates) // 2]
+  rec["rounds"] = len(rates)
+  if "compute_ratio" in r:
+    rec["compute_ratio"] = r["compute_ratio"]
+  if "depths" in r:   # realised depths: unit rows per token over the timed calls
+    mean_depth = sum(r["holder"]["rows"][-len(times):]) / max(1, sum(toks))
+    rec.update(depths=r["depths"], source=r["source"], mean_depth=mean_depth,
+               capacity_mean_depth=r["capacity_mean_depth"],
+               compute_ratio=r["layers"] / (r["other_blocks"] + r["unit_blocks"] * mean_depth))
+  return rec
+
+
+def _add_vanilla_ratios(records: list[dict], batch: int) -> None:
+  """Throughput and KV bytes of each record against its vanilla (twin) at --batch."""
   for rec in records:
     twin = "_trained" in rec["model"] or rec["model"].endswith("_twin")
     name = f"vanilla{rec['layers']}" + ("_twin" if twin else "")
-    base = max(x["tokens_per_s"] for x in records if x["model"] == name and x["batch"] == B)
+    base = max(x["tokens_per_s"] for x in records if x["model"] == name and x["batch"] == batch)
     rec["ratio_to_vanilla"] = rec["tokens_per_s"] / base
-    vkv = next(x["kv_bytes"] for x in records if x["model"] == name and x["batch"] == B)
-    rec["kv_ratio_to_vanilla"] = rec["kv_bytes"] / vkv * B / rec["batch"]
+    vkv = next(x["kv_bytes"] for x in records if x["model"] == name and x["batch"] == batch)
+    rec["kv_ratio_to_vanilla"] = rec["kv_bytes"] / vkv * batch / rec["batch"]
     if "compute_ratio" in rec:
       rec["fraction_of_compute_ratio"] = rec["ratio_to_vanilla"] / rec["compute_ratio"]
-  return records, {"setup_s": round(build_s, 1),
-                   "total_s": round(time.perf_counter() - t_start, 1)}
+
+
+def bench_offload(model, prompt_BxS: jax.Array, num_new: int, *, cache_size: int,
+                  quant: str = "none", variants=None, rounds: int = 3,
+                  temperature: float = 1.0, link_bytes_per_s: float = 0.0,
+                  seed: int = 0) -> list[dict]:
+  """Tokens/s of each variant decoding the same prompt and the same sampled tokens.
+
+  Every engine first decodes exactly the timed shapes once (compilation, caches
+  of the jitted pieces); then `rounds` rounds each time every variant once, in
+  turn, and the records report the best and the median round. Hits, misses,
+  bytes and recall are counts of one decode (identical in every round).
+  """
+  from mor.offload import VARIANTS, OffloadEngine, echo_fraction, variant_options
+  variants = tuple(variants or VARIANTS)
+  engines = {v: OffloadEngine(model, quant=quant, link_bytes_per_s=link_bytes_per_s,
+                              **variant_options(v, cache_size)) for v in variants}
+  out = {}
+
+  def runner(v):
+    def run():
+      engines[v].reset()
+      out[v] = engines[v].decode(prompt_BxS, num_new, temperature=temperature, seed=seed)[1]
+    return run
+
+  times = time_interleaved({v: runner(v) for v in variants}, rounds)
+  tokens = prompt_BxS.shape[0] * (prompt_BxS.shape[1] + num_new - 1)
+  records = []
+  for v in variants:
+    ts = sorted(times[v])
+    summary = engines[v].summary()
+    summary.pop("tokens_per_s")
+    records.append({"variant": v, "quant": quant, "rounds": len(ts),
+                    "tokens_per_s_best": tokens / ts[0],
+                    "tokens_per_s_median": tokens / ts[len(ts) // 2],
+                    "echo_fraction": echo_fraction(prompt_BxS, out[v]),
+                    "same_tokens_as_first": bool(np.array_equal(out[v], out[variants[0]])),
+                    "link_bytes_per_s": link_bytes_per_s, **summary})
+  return records

@@ -15,6 +15,11 @@ device (`dequantized_model` is the in-memory model the quantised engine equals).
 releases the GIL like a real DMA wait), for measuring overlap on a CPU where
 host and device memory are the same.
 
+Per MoE layer (`_moe_layer`): join the prefetch started one MoE layer earlier,
+route (attention, router, one host sync), load the used experts (`_load_experts`:
+LRU hits, or copies that may evict the least recently used), combine, and
+prefetch the next MoE layer's guessed experts (`_prefetch`).
+
 Variants (the paper's ablation): full (LRU + prefetch), no_prefetch (LRU),
 no_cache (no LRU, no pre-loading: every used expert is copied each time) and
 naive (every expert of the layer is copied for every token).
@@ -123,10 +128,15 @@ class ExpertLRU:
     return weights
 
   def put(self, expert: int, weights) -> None:
+    """Keeps the expert as the most recent entry, then evicts down to capacity."""
     if self.capacity <= 0:
       return
     self.entries[expert] = weights
     self.entries.move_to_end(expert)
+    self._evict()
+
+  def _evict(self) -> None:
+    """Drops the least recently used experts beyond capacity."""
     while len(self.entries) > self.capacity:
       self.entries.popitem(last=False)
 
@@ -226,14 +236,7 @@ class OffloadEngine:
     self.applied = model.plan.applied
     self.top = _split_without(model, lambda path, v: path[0] == "blocks"
                               and isinstance(v, nnx.Param))
-    self.blocks, self.host = [], {}
-    for b, block in enumerate(model.blocks):
-      if isinstance(block.mlp, MoEMLP):
-        self.blocks.append(_split_without(block, _is_expert_weight))
-        self.host[b] = [self._store(tuple(np.asarray(w[e]) for w in block.mlp.weights))
-                        for e in range(block.mlp.moe.num_experts)]
-      else:
-        self.blocks.append(_split_without(block, lambda *_: False))
+    self.blocks, self.host = self._split_blocks(model)
     moe_layers = [j for j, b in enumerate(self.applied) if b in self.host]
     # Speculation target of each MoE layer: the next applied MoE layer.
     self.next_moe = dict(zip(moe_layers, moe_layers[1:]))
@@ -242,6 +245,18 @@ class OffloadEngine:
     # One worker: prefetches run in order, overlapping the main thread's layers.
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
     self.reset()
+
+  def _split_blocks(self, model: Transformer) -> tuple[list, dict]:
+    """(device part of every block, {MoE block: its experts in host memory, maybe quantised})."""
+    blocks, host = [], {}
+    for b, block in enumerate(model.blocks):
+      if isinstance(block.mlp, MoEMLP):
+        blocks.append(_split_without(block, _is_expert_weight))
+        host[b] = [self._store(tuple(np.asarray(w[e]) for w in block.mlp.weights))
+                   for e in range(block.mlp.moe.num_experts)]
+      else:
+        blocks.append(_split_without(block, lambda *_: False))
+    return blocks, host
 
   def reset(self) -> None:
     """Empty expert caches and zero counters."""
@@ -311,36 +326,49 @@ class OffloadEngine:
       self.caches[j].put(e, weights)
 
   def _moe_layer(self, j: int, x_BxSxD, pos_BxS, cache, guesses: dict, pending: dict):
+    """Applied layer j (a MoE block): join its prefetch, route, load, combine, prefetch j's next."""
     b = self.applied[j]
     self._join_prefetch(j, pending, guesses)
     x_BxSxD, h_NxD, (expert, gate, valid), cache = _moe_attention(*self.blocks[b], x_BxSxD,
                                                                   pos_BxS, cache)
     expert_np, valid_np = np.asarray(expert), np.asarray(valid)  # the one host sync per layer
-    used = sorted(set(expert_np[valid_np].tolist()))
-    if j in guesses:
-      self.counters.recall_hits += len(set(used) & guesses.pop(j))
-      self.counters.recall_total += len(used)
-    lru, load = self.caches[j], functools.partial(self._load, b)
-    if not used:  # a DS-MoE threshold above E * max gate keeps no expert
-      used = [0]
-    if self.naive:  # every expert of the layer crosses over, every token
-      loaded = [load(e) for e in range(len(self.host[b]))]
-      weights = [loaded[e] for e in used]
-      lru.misses += len(used)
-    else:  # resident experts first, so that loading the others cannot evict them
-      fetched = {e: lru.get(e, load) for e in sorted(used, key=lambda e: e not in lru)}
-      weights = [fetched[e] for e in used]
+    used = self._used_experts(j, expert_np, valid_np, guesses)
+    weights = self._load_experts(j, used)
     # Pad to a fixed number of slots so the jitted combine compiles once.
     n_slots = min(len(self.host[b]), expert_np.size)
     weights += [weights[0]] * (n_slots - len(weights))
     slot_np = np.searchsorted(np.asarray(used), np.where(valid_np, expert_np, used[0]))
     y = _apply_experts(h_NxD, gate, jnp.asarray(slot_np, jnp.int32), valid, tuple(weights))
     x_BxSxD = x_BxSxD + y.reshape(x_BxSxD.shape)
+    self._prefetch(j, x_BxSxD, pending)
+    return x_BxSxD, cache
+
+  def _used_experts(self, j: int, expert_np, valid_np, guesses: dict) -> list[int]:
+    """The experts layer j's router chose (sorted), scoring the prefetch guess against them."""
+    used = sorted(set(expert_np[valid_np].tolist()))
+    if j in guesses:
+      self.counters.recall_hits += len(set(used) & guesses.pop(j))
+      self.counters.recall_total += len(used)
+    return used or [0]   # a DS-MoE threshold above E * max gate keeps no expert
+
+  def _load_experts(self, j: int, used: list[int]) -> list[tuple]:
+    """Device weights of the used experts: from layer j's LRU (a miss loads and may evict)."""
+    b = self.applied[j]
+    lru, load = self.caches[j], functools.partial(self._load, b)
+    if self.naive:  # every expert of the layer crosses over, every token
+      loaded = [load(e) for e in range(len(self.host[b]))]
+      lru.misses += len(used)
+      return [loaded[e] for e in used]
+    # Resident experts first, so that loading the others cannot evict them.
+    fetched = {e: lru.get(e, load) for e in sorted(used, key=lambda e: e not in lru)}
+    return [fetched[e] for e in used]
+
+  def _prefetch(self, j: int, x_BxSxD, pending: dict) -> None:
+    """Starts the background guess-and-fetch of the next MoE layer's experts from x."""
     nxt = self.next_moe.get(j)
     if self.prefetch and nxt is not None:   # layer nxt's cache is untouched until it joins
       pending[nxt] = self._pool.submit(self._speculate, nxt, x_BxSxD,
                                        frozenset(self.caches[nxt].entries))
-    return x_BxSxD, cache
 
   def step(self, tokens_Bx1: jax.Array, pos_Bx1: jax.Array, caches: list):
     """One decoding step; returns (logits_Bx1xV, caches)."""
@@ -397,41 +425,3 @@ def echo_fraction(prompt_BxS, generated_BxN) -> float:
   p, g = np.asarray(prompt_BxS), np.asarray(generated_BxN)
   prev = np.concatenate([p[:, -1:], g[:, :-1]], axis=1)
   return float(np.mean(g == prev)) if g.size else 0.0
-
-
-def benchmark(model: Transformer, prompt_BxS: jax.Array, num_new: int, *, cache_size: int,
-              quant: str = "none", variants=VARIANTS, rounds: int = 3,
-              temperature: float = 1.0, link_bytes_per_s: float = 0.0,
-              seed: int = 0) -> list[dict]:
-  """Tokens/s of each variant decoding the same prompt and the same sampled tokens.
-
-  Every engine first decodes exactly the timed shapes once (compilation, caches
-  of the jitted pieces); then `rounds` rounds each time every variant once, in
-  turn, and the records report the best and the median round. Hits, misses,
-  bytes and recall are counts of one decode (identical in every round).
-  """
-  from mor.bench import time_interleaved
-  engines = {v: OffloadEngine(model, quant=quant, link_bytes_per_s=link_bytes_per_s,
-                              **variant_options(v, cache_size)) for v in variants}
-  out = {}
-
-  def runner(v):
-    def run():
-      engines[v].reset()
-      out[v] = engines[v].decode(prompt_BxS, num_new, temperature=temperature, seed=seed)[1]
-    return run
-
-  times = time_interleaved({v: runner(v) for v in variants}, rounds)
-  tokens = prompt_BxS.shape[0] * (prompt_BxS.shape[1] + num_new - 1)
-  records = []
-  for v in variants:
-    ts = sorted(times[v])
-    summary = engines[v].summary()
-    summary.pop("tokens_per_s")
-    records.append({"variant": v, "quant": quant, "rounds": len(ts),
-                    "tokens_per_s_best": tokens / ts[0],
-                    "tokens_per_s_median": tokens / ts[len(ts) // 2],
-                    "echo_fraction": echo_fraction(prompt_BxS, out[v]),
-                    "same_tokens_as_first": bool(np.array_equal(out[v], out[variants[0]])),
-                    "link_bytes_per_s": link_bytes_per_s, **summary})
-  return records

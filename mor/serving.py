@@ -2,18 +2,19 @@
 
 A fixed number of slots each hold one request; a slot's state is the token it
 is processing, that token's hidden state and the recursions it has had. One
-engine step (static shapes throughout) is
+engine step (static shapes throughout; `_io`, then `_step_depths`) is
   1. IO: up to `exit_rows` slots whose token is done (router said stop, or
-     N_r reached) form one small batch: suffix blocks, final norm, LM head,
-     sampling. The slot then takes its next token (the next prompt token while
-     prefilling, else the sample) or, when its request is finished, the next
-     request of the FIFO queue (caches reset); the new token goes through the
+     N_r reached) form one small batch (`_io_rows`). Retire (`_retire`):
+     suffix blocks, final norm, LM head, sampling. Admit (`_admit`): the slot
+     takes its next token (the next prompt token while prefilling, else the
+     sample) or, when its request is finished, the next request of the FIFO
+     queue (caches reset). Route (`_route`): the new token goes through the
      embedding and prefix blocks in the same batch, and the router decides
-     its first recursion.
-  2. Unit: the shared unit runs ONCE over all slots, each at its own depth and
-     position: slot i writes its new key into, and attends over, its own
-     depth-d_i cache. Routers of every depth are evaluated and each slot takes
-     its own depth's decision and gate.
+     its first recursion; `_write_rows` puts the rows back into the slots.
+  2. Step the depths (`_step_depths`): the shared unit runs ONCE over all
+     slots, each at its own depth and position: slot i writes its new key
+     into, and attends over, its own depth-d_i cache. Routers of every depth
+     are evaluated and each slot takes its own depth's decision and gate.
 A token of depth d costs d unit rows and one IO row, and a slot whose token
 exits is refilled at once, so the unit batch stays full. Prompts are
 prefilled token by token through the same step (exact and simple; a prompt
@@ -346,66 +347,113 @@ def _forced_limit(eng: Engine, pos_R, req_R):
   return sched[(pos_R + jnp.maximum(req_R, 0)) % len(eng.forced)]
 
 
+class IORows(NamedTuple):
+  """The IO batch of one engine step: which slots it holds and their per-row values."""
+  rows_E: jax.Array         # slot of each row (exiting slots first, then idle ones)
+  valid_E: jax.Array        # the row holds a slot that exits or can take a request
+  exiting_E: jax.Array      # its token is done: it retires this step
+  stage_E: jax.Array        # the slot's stage before this step
+  req_E: jax.Array          # request, token, position, generated count: before _admit,
+  tok_E: jax.Array          # the retiring token's; after, the entering token's
+  pos_E: jax.Array
+  gen_E: jax.Array
+  enter_E: jax.Array        # a token enters the model (set by _admit)
+  finished_E: jax.Array     # the row's request got its last token (set by _admit)
+
+
+class Entry(NamedTuple):
+  """Entering tokens after the prefix: state and the decision for recursion 1."""
+  h_ExD: jax.Array
+  limit_E: jax.Array
+  gate_E: jax.Array
+  go_E: jax.Array
+
+
 def _io(eng: Engine, model, st: EngineState) -> EngineState:
-  """Exit (suffix, head, sample), next token or next request, prefix, first decision."""
+  """The IO half of an engine step: retire, admit, route into recursion 1, write back."""
+  io = _io_rows(eng, st)
+  st, sampled_E = _retire(eng, model, st, io)
+  st, io = _admit(eng, st, io, sampled_E)
+  st, entry = _route(eng, model, st, io)
+  return _write_rows(eng, st, io, entry)
+
+
+def _io_rows(eng: Engine, st: EngineState) -> IORows:
+  """Up to exit_rows slots: exiting ones first, then idle ones a queued request can fill."""
   sl, q = st.slots, st.queue
-  s, e = eng.num_slots, eng.exit_rows
-  num_req = q.prompt_len_R.shape[0]
   idle_S = sl.stage_S == IDLE
   idle_rank_S = jnp.cumsum(idle_S) - 1
   want_S = jnp.where(sl.stage_S == EXIT, 0,
                      jnp.where(idle_S & (idle_rank_S < q.num - q.head), 1, 2))
-  rows_E = jnp.argsort(want_S, stable=True)[:e].astype(jnp.int32)
+  rows_E = jnp.argsort(want_S, stable=True)[:eng.exit_rows].astype(jnp.int32)
   valid_E = want_S[rows_E] < 2
-  g = lambda x: x[rows_E]
-  stage_E, pos_E, req_E, gen_E = g(sl.stage_S), g(sl.pos_S), g(sl.req_S), g(sl.gen_S)
-  exiting_E = valid_E & (stage_E == EXIT)
+  stage_E = sl.stage_S[rows_E]
+  no_E = jnp.zeros_like(valid_E)
+  return IORows(rows_E, valid_E, valid_E & (stage_E == EXIT), stage_E, sl.req_S[rows_E],
+                sl.tok_S[rows_E], sl.pos_S[rows_E], sl.gen_S[rows_E], no_E, no_E)
 
-  # Exit: suffix, head, sample.
-  x_ExD = g(sl.h_SxD)
+
+def _retire(eng: Engine, model, st: EngineState, io: IORows) -> tuple[EngineState, jax.Array]:
+  """Exiting rows: suffix blocks, LM head, sample; returns (state, sampled_E)."""
+  sl, q = st.slots, st.queue
+  x_ExD = sl.h_SxD[io.rows_E]
   if eng.kind == "tc":
-    x_ExD = R.tc_output(g(sl.h1_SxD), x_ExD, g(sl.gate_S), model.cfg.router.combine)
+    x_ExD = R.tc_output(sl.h1_SxD[io.rows_E], x_ExD, sl.gate_S[io.rows_E],
+                        model.cfg.router.combine)
   x = x_ExD[:, None]
   suffix = list(st.suffix)
   for i, b in enumerate(eng.plan.suffix):
-    x, suffix[i] = _block(model.blocks[b], x, pos_E, functools.partial(
-        _attend_rows, pos_R=pos_E, st=suffix[i], rows_R=rows_E, write_R=exiting_E))
+    x, suffix[i] = _block(model.blocks[b], x, io.pos_E, functools.partial(
+        _attend_rows, pos_R=io.pos_E, st=suffix[i], rows_R=io.rows_E, write_R=io.exiting_E))
   key, sub = jax.random.split(st.key)
   logits_ExV = model.logits(x)[:, 0]
   sampled_E = sample(logits_ExV, sub, eng.temperature, eng.top_k)
   if q.logits_RxTxV is not None:
+    num_req = q.prompt_len_R.shape[0]
     q = q._replace(logits_RxTxV=q.logits_RxTxV.at[
-        jnp.where(exiting_E, jnp.maximum(req_E, 0), num_req), pos_E].set(logits_ExV, mode="drop"))
+        jnp.where(io.exiting_E, jnp.maximum(io.req_E, 0), num_req), io.pos_E].set(
+            logits_ExV, mode="drop"))
+  return st._replace(suffix=suffix, queue=q, key=key), sampled_E
 
-  # The next token: the prompt's while prefilling, else the sample; or the next request.
-  req_c = jnp.maximum(req_E, 0)
-  in_prompt_E = pos_E + 1 < q.prompt_len_R[req_c]
-  emit_E = exiting_E & ~in_prompt_E
-  out = q.out_RxG.at[jnp.where(emit_E, req_c, num_req), gen_E].set(sampled_E, mode="drop")
-  gen_E = gen_E + emit_E
+
+def _admit(eng: Engine, st: EngineState, io: IORows,
+           sampled_E: jax.Array) -> tuple[EngineState, IORows]:
+  """Each row's next token: the prompt's while prefilling, else the sample (emitted);
+  a finished or idle row takes the next queued request, whose caches start empty."""
+  q = st.queue
+  num_req = q.prompt_len_R.shape[0]
+  req_c = jnp.maximum(io.req_E, 0)
+  in_prompt_E = io.pos_E + 1 < q.prompt_len_R[req_c]
+  emit_E = io.exiting_E & ~in_prompt_E
+  out = q.out_RxG.at[jnp.where(emit_E, req_c, num_req), io.gen_E].set(sampled_E, mode="drop")
+  gen_E = io.gen_E + emit_E
   finished_E = emit_E & (gen_E >= q.max_new_R[req_c])
-  prompt_next_E = q.prompts_RxP[req_c, jnp.minimum(pos_E + 1, q.prompts_RxP.shape[1] - 1)]
+  prompt_next_E = q.prompts_RxP[req_c, jnp.minimum(io.pos_E + 1, q.prompts_RxP.shape[1] - 1)]
   next_tok_E = jnp.where(in_prompt_E, prompt_next_E, sampled_E)
-  need_E = valid_E & (finished_E | (stage_E == IDLE))
+  need_E = io.valid_E & (finished_E | (io.stage_E == IDLE))
   new_req_E = q.head + jnp.cumsum(need_E) - 1
   admit_E = need_E & (new_req_E < q.num)
   head = q.head + jnp.sum(admit_E, dtype=jnp.int32)
   new_c = jnp.minimum(new_req_E, num_req - 1)
-  req_E = jnp.where(admit_E, new_req_E, jnp.where(finished_E, -1, req_E))
-  tok_E = jnp.where(admit_E, q.prompts_RxP[new_c, 0], next_tok_E)
-  pos_E = jnp.where(admit_E, 0, pos_E + 1)
-  gen_E = jnp.where(admit_E, 0, gen_E)
-  enter_E = admit_E | (exiting_E & ~finished_E)
+  io = io._replace(req_E=jnp.where(admit_E, new_req_E, jnp.where(finished_E, -1, io.req_E)),
+                   tok_E=jnp.where(admit_E, q.prompts_RxP[new_c, 0], next_tok_E),
+                   pos_E=jnp.where(admit_E, 0, io.pos_E + 1),
+                   gen_E=jnp.where(admit_E, 0, gen_E),
+                   enter_E=admit_E | (io.exiting_E & ~finished_E), finished_E=finished_E)
+  reset = jnp.where(admit_E, io.rows_E, eng.num_slots)
+  prefix, unit, suffix = _reset_rows((list(st.prefix), list(st.unit), list(st.suffix)), reset)
+  return st._replace(prefix=prefix, unit=unit, suffix=suffix,
+                     queue=q._replace(out_RxG=out, head=head)), io
 
-  # A new request starts from empty caches.
-  reset = jnp.where(admit_E, rows_E, s)
-  prefix, unit, suffix = _reset_rows((list(st.prefix), list(st.unit), suffix), reset)
 
-  # Enter: embedding, prefix, the decision for recursion 1.
-  x = model.embed_tokens(tok_E[:, None])
+def _route(eng: Engine, model, st: EngineState, io: IORows) -> tuple[EngineState, Entry]:
+  """Entering tokens: embedding, prefix blocks, and the decision and gate of recursion 1."""
+  e = eng.exit_rows
+  x = model.embed_tokens(io.tok_E[:, None])
+  prefix = list(st.prefix)
   for i, b in enumerate(eng.plan.prefix):
-    x, prefix[i] = _block(model.blocks[b], x, pos_E, functools.partial(
-        _attend_rows, pos_R=pos_E, st=prefix[i], rows_R=rows_E, write_R=enter_E))
+    x, prefix[i] = _block(model.blocks[b], x, io.pos_E, functools.partial(
+        _attend_rows, pos_R=io.pos_E, st=prefix[i], rows_R=io.rows_E, write_R=io.enter_E))
   h_ExD = x[:, 0]
   limit_E = jnp.full((e,), eng.n, jnp.int32)
   gate_E = jnp.zeros((e,), jnp.float32)
@@ -413,35 +461,41 @@ def _io(eng: Engine, model, st: EngineState) -> EngineState:
     tc = model.router(x)
     limit_E, gate_E = tc.depth_BxS[:, 0], tc.gate_BxS[:, 0]
   if eng.forced is not None:
-    limit_E = jnp.minimum(_forced_limit(eng, pos_E, req_E), eng.n)
-  depth_E = jnp.zeros((e,), jnp.int32)
-  go_E, ec_gate_E = _decide(eng, model, depth_E, limit_E, h_ExD)
+    limit_E = jnp.minimum(_forced_limit(eng, io.pos_E, io.req_E), eng.n)
+  go_E, ec_gate_E = _decide(eng, model, jnp.zeros((e,), jnp.int32), limit_E, h_ExD)
   if ec_gate_E is not None:
     gate_E = ec_gate_E
-  # With sharing, recursion 1 runs for every token: its keys serve every depth.
-  run_E = go_E | eng.share
-  new_stage_E = jnp.where(enter_E, jnp.where(run_E, RECUR, EXIT),
-                          jnp.where(finished_E | (stage_E == IDLE), IDLE, stage_E))
+  return st._replace(prefix=prefix), Entry(h_ExD, limit_E, gate_E, go_E)
 
-  put_rows = jnp.where(valid_E, rows_E, s)
+
+def _write_rows(eng: Engine, st: EngineState, io: IORows, entry: Entry) -> EngineState:
+  """Scatters the IO rows back into the slots: entering tokens take their new state."""
+  sl, s = st.slots, eng.num_slots
+  # With sharing, recursion 1 runs for every token: its keys serve every depth.
+  run_E = entry.go_E | eng.share
+  stage_E = jnp.where(io.enter_E, jnp.where(run_E, RECUR, EXIT),
+                      jnp.where(io.finished_E | (io.stage_E == IDLE), IDLE, io.stage_E))
+  put_rows = jnp.where(io.valid_E, io.rows_E, s)
+
   def put(x_S, v_E):
     return x_S.at[put_rows].set(v_E.astype(x_S.dtype), mode="drop")
-  keep = lambda new, old: jnp.where(enter_E[:, None] if new.ndim == 2 else enter_E, new, old)
-  slots = Slots(put(sl.req_S, req_E), put(sl.tok_S, tok_E), put(sl.pos_S, pos_E),
-                put(sl.gen_S, gen_E), put(sl.stage_S, new_stage_E),
-                put(sl.depth_S, keep(depth_E, g(sl.depth_S))),
-                put(sl.limit_S, keep(limit_E, g(sl.limit_S))),
-                put(sl.upd_S, keep(go_E, g(sl.upd_S))),
-                put(sl.gate_S, keep(gate_E, g(sl.gate_S))),
-                put(sl.h_SxD, keep(h_ExD, g(sl.h_SxD))),
-                put(sl.h1_SxD, keep(h_ExD, g(sl.h1_SxD))))
-  counters = st.counters.at[2].add(jnp.sum(valid_E, dtype=jnp.int32)).at[3].add(
-      jnp.sum(exiting_E, dtype=jnp.int32))
-  return st._replace(slots=slots, prefix=prefix, unit=unit, suffix=suffix,
-                     queue=q._replace(out_RxG=out, head=head), key=key, counters=counters)
+
+  def enter(x_S, new_E):   # entering rows take the new value, the others keep theirs
+    old_E = x_S[io.rows_E]
+    return put(x_S, jnp.where(io.enter_E[:, None] if new_E.ndim == 2 else io.enter_E, new_E,
+                              old_E))
+
+  slots = Slots(put(sl.req_S, io.req_E), put(sl.tok_S, io.tok_E), put(sl.pos_S, io.pos_E),
+                put(sl.gen_S, io.gen_E), put(sl.stage_S, stage_E),
+                enter(sl.depth_S, jnp.zeros_like(io.pos_E)), enter(sl.limit_S, entry.limit_E),
+                enter(sl.upd_S, entry.go_E), enter(sl.gate_S, entry.gate_E),
+                enter(sl.h_SxD, entry.h_ExD), enter(sl.h1_SxD, entry.h_ExD))
+  counters = st.counters.at[2].add(jnp.sum(io.valid_E, dtype=jnp.int32)).at[3].add(
+      jnp.sum(io.exiting_E, dtype=jnp.int32))
+  return st._replace(slots=slots, counters=counters)
 
 
-def _unit_pass(eng: Engine, model, st: EngineState) -> EngineState:
+def _step_depths(eng: Engine, model, st: EngineState) -> EngineState:
   """The shared unit once over all slots, each at its own depth; then each slot's next decision."""
   sl = st.slots
   run_S = sl.stage_S == RECUR
@@ -482,7 +536,7 @@ def _run_chunk(eng: Engine, params, st: EngineState):
 
   def body(carry):
     i, st = carry
-    return i + 1, _unit_pass(eng, model, _io(eng, model, st))
+    return i + 1, _step_depths(eng, model, _io(eng, model, st))
 
   _, st = jax.lax.while_loop(lambda c: (c[0] < eng.steps_per_call) & ~done(c[1]), body,
                              (jnp.int32(0), st))

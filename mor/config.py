@@ -21,10 +21,11 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 FLOP_CONVENTIONS = ("paper", "training")   # mor.flops.CONVENTION_FACTOR
 COMBINES = ("reference", "residual", "straight_through")
 UPTRAIN_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
-# xla (default): causal key blocks skipped, looped over (batch, KV head) rows to stay in
-# cache, tuned on CPU; xla_dense: one masked S x T product; dot_product:
-# jax.nn.dot_product_attention (cuDNN flash on GPU: use it there); splash: Pallas TPU kernel
-ATTENTIONS = ("xla", "xla_dense", "dot_product", "splash")
+# auto (default): by lowering platform, splash on TPU, dot_product on GPU, xla elsewhere;
+# xla: causal key blocks skipped (on CPU looped over (batch, KV head) rows to stay in
+# cache); xla_dense: one masked S x T product; dot_product: jax.nn.dot_product_attention
+# (cuDNN flash on GPU); splash: Pallas TPU kernel (interpreted off TPU). docs/accelerators.md
+ATTENTIONS = ("xla", "xla_dense", "dot_product", "splash", "auto")
 
 
 class ConfigError(ValueError):
@@ -101,7 +102,7 @@ class ModelConfig:
   moe: MoEConfig = field(default_factory=MoEConfig)
   lora_rank: int = 0                  # per-recursion LoRA on shared blocks (relaxation); 0 = off
   lora_targets: tuple = LORA_TARGETS  # projections that get adapters
-  attention: str = "xla"              # attention implementation (ATTENTIONS)
+  attention: str = "auto"             # attention implementation (ATTENTIONS)
 
   @property
   def dh(self) -> int:

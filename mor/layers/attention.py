@@ -12,11 +12,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mor import kv_cache
 from mor.layers import lora as lora_lib
-from mor.layers.basic import merge_strided, num_chunks, param, split_strided
+from mor.layers.basic import CPU_LOOP_SCOPE, merge_strided, num_chunks, param, split_strided
 from mor.layers.rope import apply_rope
 
 
@@ -26,29 +27,72 @@ class KV(NamedTuple):
   pos_BxT: jax.Array
 
 
-def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array, impl: str = "xla_dense",
+# Where each `model.attention` choice runs what, by lowering platform (ATTENTIONS in
+# mor.config). Resolved with lax.platform_dependent, so that a program exported from
+# this CPU for cuda/tpu gets the accelerator branch, not what jax.default_backend() says.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def attend(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array, impl: str = "auto",
            index_causal: bool = False) -> jax.Array:
   """Softmax attention of each query over the keys at positions <= its own.
 
-  impl: "xla_dense" (one masked S x T product, the reference), "xla" (causal key
-  blocks skipped), "dot_product" (jax.nn.dot_product_attention; cuDNN flash
-  attention on GPU in bf16/f16) or "splash" (Pallas splash attention; interpreted
-  off TPU). index_causal: the caller guarantees that a key after the query's
-  index is masked (one sequence's tokens, or a subset gathered in original order,
-  hidden keys at position -1), as in training self-attention; only then may a
-  kernel skip key blocks or use a plain causal mask. Otherwise (KV caches, shared
-  keys) every impl but dot_product runs the dense path. Rows of queries at
-  position -1 (hidden) are unspecified: callers drop them.
+  impl: "auto" (by platform: splash on TPU, dot_product on GPU, xla elsewhere),
+  "xla_dense" (one masked S x T product, the reference), "xla" (causal key
+  blocks skipped; on CPU looped over rows to stay in cache), "dot_product"
+  (jax.nn.dot_product_attention; cuDNN flash attention on GPU in bf16/f16) or
+  "splash" (Pallas splash attention; interpreted off TPU). index_causal: the
+  caller guarantees that a key after the query's index is masked (one
+  sequence's tokens, or a subset gathered in original order, hidden keys at
+  position -1), as in training self-attention; only then may a kernel skip key
+  blocks or use a plain causal mask. Otherwise (KV caches, shared keys) every
+  impl but dot_product runs the dense path. Rows of queries at position -1
+  (hidden) are unspecified: callers drop them.
   """
+  if impl not in ("auto", "xla", "xla_dense", "dot_product", "splash"):
+    raise ValueError(f"attention impl={impl!r}; choose auto, xla, xla_dense, dot_product or "
+                     "splash")
   if impl == "xla_dense" or not (index_causal or impl == "dot_product"):
     return _attend_dense(q_BxSxNxH, kv, q_pos_BxS)
+  # one branch object per distinct program: platform_dependent joins equal branches
+  programs, per_platform = {}, {}
+  for platform in PLATFORMS + (None,):
+    choice = _resolve(impl, platform, index_causal)
+    key = (choice, _VARIANT[choice](platform))
+    if key not in programs:
+      programs[key] = functools.partial(_attend_on, choice, platform, index_causal)
+    per_platform[platform] = programs[key]
+  default = per_platform.pop(None)
+  return jax.lax.platform_dependent(q_BxSxNxH, kv, q_pos_BxS, **per_platform, default=default)
+
+
+# what makes one platform's program of an impl differ from another's
+_VARIANT = {"xla_dense": lambda p: None, "xla": lambda p: p == "cpu",
+            "dot_product": lambda p: p in ("cuda", "rocm"), "splash": lambda p: p == "tpu"}
+
+
+def _resolve(impl: str, platform: str | None, index_causal: bool) -> str:
+  """The implementation `impl` runs on `platform` (None: any other)."""
+  if impl != "auto":
+    return impl
+  if platform == "tpu":
+    return "splash"
+  if platform in ("cuda", "rocm"):
+    return "dot_product"
+  return "xla"
+
+
+def _attend_on(impl: str, platform: str | None, index_causal: bool, q_BxSxNxH: jax.Array,
+               kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+  """attend for one resolved impl, traced for one platform (a platform_dependent branch)."""
+  if impl == "xla_dense":
+    return _attend_dense(q_BxSxNxH, kv, q_pos_BxS)
   if impl == "xla":
-    return _attend_blocked(q_BxSxNxH, kv, q_pos_BxS)
+    return _attend_blocked(q_BxSxNxH, kv, q_pos_BxS, cpu=platform == "cpu")
   if impl == "dot_product":
-    return _attend_dot_product(q_BxSxNxH, kv, q_pos_BxS, index_causal)
-  if impl == "splash":
-    return _attend_splash(q_BxSxNxH, kv, q_pos_BxS)
-  raise ValueError(f"attention impl={impl!r}; choose xla, xla_dense, dot_product or splash")
+    return _attend_dot_product(q_BxSxNxH, kv, q_pos_BxS, index_causal,
+                               gpu=platform in ("cuda", "rocm"))
+  return _attend_splash(q_BxSxNxH, kv, q_pos_BxS, tpu=platform == "tpu")
 
 
 def _mask(k_pos_BxT: jax.Array, q_pos_BxS: jax.Array) -> jax.Array:
@@ -90,7 +134,8 @@ def _block_size(s: int) -> int:
 ROWS_PER_ITERATION = 4
 
 
-def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
+def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array,
+                    cpu: bool = True) -> jax.Array:
   """Index-causal attention that never computes a key block after the query block.
 
   Query block i (rows [i*Q, (i+1)*Q)) attends over keys [0, (i+1)*Q) with the
@@ -98,6 +143,8 @@ def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.A
   S = 512 (36/64 of the blocks). Each (batch, KV head) pair is one row of
   `_blocked_core`, its G query heads folded into the block's query rows; the
   scale goes on q. Rows past S (padding to whole blocks) are hidden and sliced off.
+  cpu: loop over groups of rows (ROWS_PER_ITERATION, tuned for CPU caches); off
+  CPU all rows run in one batched op (an accelerator wants the whole batch at once).
   """
   b, s, n, h = q_BxSxNxH.shape
   t, k = kv.k_BxTxKxH.shape[1], kv.k_BxTxKxH.shape[2]
@@ -117,7 +164,8 @@ def _attend_blocked(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.A
       r, nb, g * qb, h)
   rows = lambda x: x.astype(dt).transpose(0, 2, 1, 3).reshape(r, t, h)
   per_row = lambda p: jnp.repeat(p, k, axis=0)     # rows are (batch, KV head), head minor
-  iters = num_chunks(r, ROWS_PER_ITERATION)   # rows split strided: a sharded batch stays so
+  # rows split strided: a sharded batch stays so; one group (no loop) off CPU
+  iters = num_chunks(r, ROWS_PER_ITERATION) if cpu else 1
   out = _blocked_core(q_RxIxQxH, rows(kv.k_BxTxKxH), rows(kv.v_BxTxKxH), per_row(kv.pos_BxT),
                       per_row(q_pos), qb, iters)
   return out.reshape(b, k, nb, g, qb, h).transpose(0, 2, 4, 1, 3, 5).reshape(
@@ -191,16 +239,24 @@ def _rows_bwd(q, k, v, kpos, qpos, lse, out, dout, qb: int):
   return jnp.stack(dq, axis=1), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _map_rows(fn, args: tuple, iters: int):
+  """fn over the `iters` groups of rows: a loop when iters > 1, else one call (no loop op)."""
+  if iters == 1:
+    return jax.tree.map(lambda x: x[None], fn(tuple(x[0] for x in args)))
+  with jax.named_scope(CPU_LOOP_SCOPE):
+    return jax.lax.map(fn, args)
+
+
 def _blocked_fwd(q, k, v, kpos, qpos, qb, iters):
   args = tuple(split_strided(x, iters) for x in (q, k, v, kpos, qpos))
-  out, lse = jax.lax.map(lambda a: _rows_fwd(*a, qb), args)
+  out, lse = _map_rows(lambda a: _rows_fwd(*a, qb), args, iters)
   return merge_strided(out), (args, lse, out)
 
 
 def _blocked_bwd(qb, iters, res, dout):
   args, lse, out = res
-  dq, dk, dv = jax.lax.map(lambda a: _rows_bwd(*a, qb),
-                           args + (lse, out, split_strided(dout, iters)))
+  dq, dk, dv = _map_rows(lambda a: _rows_bwd(*a, qb),
+                         args + (lse, out, split_strided(dout, iters)), iters)
   return merge_strided(dq), merge_strided(dk), merge_strided(dv), None, None
 
 
@@ -208,52 +264,83 @@ _blocked_core.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def _attend_dot_product(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array,
-                        index_causal: bool) -> jax.Array:
+                        index_causal: bool, gpu: bool = False) -> jax.Array:
   """jax.nn.dot_product_attention: cuDNN flash attention on GPU (bf16/f16), XLA elsewhere.
 
   Index-causal calls use is_causal plus a [B, 1, 1, T] key-validity mask (hidden
-  keys may sit anywhere); others pass the full position mask.
+  keys may sit anywhere); others pass the full position mask. cuDNN needs a GPU
+  at trace time, so a cuda program exported from a CPU host carries the XLA form.
   """
   dt = q_BxSxNxH.dtype
   k, v = kv.k_BxTxKxH.astype(dt), kv.v_BxTxKxH.astype(dt)
-  gpu = jax.default_backend() == "gpu" and dt in (jnp.bfloat16, jnp.float16)
+  cudnn = (gpu and jax.default_backend() == "gpu" and dt in (jnp.bfloat16, jnp.float16))
   if index_causal:
     valid = (kv.pos_BxT >= 0)[:, None, None, :]
     return jax.nn.dot_product_attention(q_BxSxNxH, k, v, mask=valid, is_causal=True,
-                                        implementation="cudnn" if gpu else "xla")
+                                        implementation="cudnn" if cudnn else "xla")
   mask = _mask(kv.pos_BxT, q_pos_BxS)[:, None]
   return jax.nn.dot_product_attention(q_BxSxNxH, k, v, mask=mask, implementation="xla")
 
 
-def _attend_splash(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array) -> jax.Array:
-  """Pallas splash attention (TPU; interpret mode elsewhere) with a causal mask.
+SPLASH_BLOCK = 128   # the kernel's smallest block; sequences are padded to a multiple
 
-  Hidden keys (position -1, last) and hidden queries get segment 1, the rest 0,
-  so the causal mask plus segments equal the position mask for valid queries.
-  Lengths that are not a multiple of the 128-row kernel blocks run the blocked
-  XLA path instead. One MQA kernel per KV head (its G query heads).
+
+def _splash_block(s: int) -> int:
+  """The largest of 512, 256, 128 that divides the padded length s (bigger blocks: fewer steps)."""
+  return next(b for b in (512, 256, SPLASH_BLOCK) if s % b == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(s: int, g: int, interpret: bool):
+  """The causal MQA splash kernel for length s and g query heads per KV head.
+
+  Cached: building the mask metadata is numpy work that, redone for every layer
+  and every trace (forward, remat, backward), made tracing a small step 3x slower.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as sk, splash_attention_mask as sm)
-  b, s, n, h = q_BxSxNxH.shape
-  t, k = kv.k_BxTxKxH.shape[1], kv.k_BxTxKxH.shape[2]
-  if s % 128 or t != s:
-    return _attend_blocked(q_BxSxNxH, kv, q_pos_BxS)
-  g, dt = n // k, q_BxSxNxH.dtype
-  mask = sm.MultiHeadMask([sm.CausalMask((s, t)) for _ in range(g)])
-  blocks = sk.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128, block_q_dkv=128,
-                         block_kv_dkv=128, block_kv_dkv_compute=128, block_q_dq=128,
-                         block_kv_dq=128)
-  kernel = sk.make_splash_mha(mask, block_sizes=blocks, is_mqa=True, head_shards=1,
-                              q_seq_shards=1, interpret=jax.default_backend() != "tpu")
-  seg = sk.SegmentIds(q=(q_pos_BxS < 0).astype(jnp.int32), kv=(kv.pos_BxT < 0).astype(jnp.int32))
-  q_BxKxGxSxH = (q_BxSxNxH * jnp.asarray(h ** -0.5, dt)).reshape(b, s, k, g, h).transpose(
+  mask = sm.MultiHeadMask([sm.CausalMask((s, s)) for _ in range(g)])
+  bq = _splash_block(s)
+  blocks = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq,
+                         block_kv_dkv=bq, block_kv_dkv_compute=bq, block_q_dq=bq,
+                         block_kv_dq=bq)
+  with jax.ensure_compile_time_eval():   # concrete metadata even when first built in a trace
+    kernel = sk.make_splash_mha(mask, block_sizes=blocks, is_mqa=True, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+  # numpy metadata: embedded as constants in any trace (device arrays captured by a jit
+  # are hoisted into extra arguments, which jax.export rejects)
+  return jax.tree.map(np.asarray, kernel)
+
+
+def _attend_splash(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array,
+                   tpu: bool = False) -> jax.Array:
+  """Pallas splash attention with a causal mask (the TPU kernel; interpreted off TPU).
+
+  Hidden keys and queries (position -1, anywhere: MoR's gathered per-depth
+  sequences) get segment 1, the rest 0, so the causal mask plus segments equal
+  the position mask for valid queries. Lengths are padded with hidden rows to
+  a multiple of 128 (a depth's k tokens need not be one). One MQA kernel per KV
+  head (its G query heads): GQA without repeating keys.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  b, s0, n, h = q_BxSxNxH.shape
+  k = kv.k_BxTxKxH.shape[2]
+  if kv.k_BxTxKxH.shape[1] != s0:   # not self-attention: no causal index order to use
+    return _attend_dense(q_BxSxNxH, kv, q_pos_BxS)
+  pad = -s0 % SPLASH_BLOCK
+  s, g, dt = s0 + pad, n // k, q_BxSxNxH.dtype
+  rows = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  q_pos = jnp.pad(q_pos_BxS, ((0, 0), (0, pad)), constant_values=-1)
+  k_pos = jnp.pad(kv.pos_BxT, ((0, 0), (0, pad)), constant_values=-1)
+  kernel = _splash_kernel(s, g, not tpu)
+  seg = sk.SegmentIds(q=(q_pos < 0).astype(jnp.int32), kv=(k_pos < 0).astype(jnp.int32))
+  q_BxKxGxSxH = rows(q_BxSxNxH * jnp.asarray(h ** -0.5, dt)).reshape(b, s, k, g, h).transpose(
       0, 2, 3, 1, 4)
-  k_BxKxTxH = kv.k_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
-  v_BxKxTxH = kv.v_BxTxKxH.astype(dt).transpose(0, 2, 1, 3)
+  k_BxKxTxH = rows(kv.k_BxTxKxH.astype(dt)).transpose(0, 2, 1, 3)
+  v_BxKxTxH = rows(kv.v_BxTxKxH.astype(dt)).transpose(0, 2, 1, 3)
   per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))                # over KV heads
   out = jax.vmap(per_head)(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, seg)     # over the batch
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h).astype(dt)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)[:, :s0].astype(dt)
 
 
 class Attention(nnx.Module):
@@ -261,7 +348,7 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                rope_theta: float, std: float, rngs: nnx.Rngs,
-               lora: lora_lib.LoRASpec | None = None, impl: str = "xla"):
+               lora: lora_lib.LoRASpec | None = None, impl: str = "auto"):
     self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
     self.wk = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
                     std)

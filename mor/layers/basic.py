@@ -27,6 +27,12 @@ def param(rngs: nnx.Rngs, shape: tuple, axes: tuple, std: float = 0.02,
   return nnx.Param(value, axes=axes)
 
 
+# Named scope of the loops tuned for CPU caches (blocked attention rows, the SwiGLU
+# backward). They are traced only in lax.platform_dependent's cpu branch; the name lets
+# tests/test_export.py check that no cuda/tpu program contains them.
+CPU_LOOP_SCOPE = "cpu_tuned_loop"
+
+
 def num_chunks(n: int, min_size: int) -> int:
   """The most equal chunks of n items that leave at least min(min_size, n) items each.
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mor.layers import lora as lora_lib
-from mor.layers.basic import merge_strided, num_chunks, param, split_strided
+from mor.layers.basic import CPU_LOOP_SCOPE, merge_strided, num_chunks, param, split_strided
 
 # tokens per iteration of the backward loop (docs/notes/train_step.md: 1024 ran the MLP's forward +
 # backward 1.6x faster than autodiff over all 4096 tokens of a batch on the CPU)
@@ -28,7 +28,10 @@ class SwiGLU(nnx.Module):
     if self.lora is None:
       w = lambda p: p[...].astype(dt)
       x_TxD = x_NxD.reshape(-1, x_NxD.shape[-1])
-      return swiglu(x_TxD, w(self.w_gate), w(self.w_up), w(self.w_down)).reshape(x_NxD.shape)
+      # the chunked backward is tuned for CPU caches: accelerators take plain autodiff
+      y_TxD = jax.lax.platform_dependent(x_TxD, w(self.w_gate), w(self.w_up), w(self.w_down),
+                                         cpu=swiglu, default=_swiglu_ref)
+      return y_TxD.reshape(x_NxD.shape)
     proj = lambda x, w, t: lora_lib.project(x, w[...], dt, self.lora, t, recursion)
     h_NxF = jax.nn.silu(proj(x_NxD, self.w_gate, "gate")) * proj(x_NxD, self.w_up, "up")
     return proj(h_NxF, self.w_down, "down")
@@ -76,8 +79,10 @@ def _swiglu_bwd(res, dy_TxD):
     return (dwg + mm(x.T, dg), dwu + mm(x.T, du), dwd + mm((silu * u).astype(dt).T, dy)), dx
 
   zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-  (dwg, dwu, dwd), dx = jax.lax.scan(body, (zeros(wg), zeros(wu), zeros(wd)),
-                                     (split_strided(x_TxD, iters), split_strided(dy_TxD, iters)))
+  with jax.named_scope(CPU_LOOP_SCOPE):
+    (dwg, dwu, dwd), dx = jax.lax.scan(body, (zeros(wg), zeros(wu), zeros(wd)),
+                                       (split_strided(x_TxD, iters),
+                                        split_strided(dy_TxD, iters)))
   return merge_strided(dx), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
 
 

@@ -127,6 +127,8 @@ def _exit_pass(model, tokens_BxS, pos_BxS, caches: ExitCaches | None, threshold,
   zero = KV(jnp.zeros((b, s, cfg.num_kv_heads, cfg.dh), dt),
             jnp.zeros((b, s, cfg.num_kv_heads, cfg.dh), dt), pos_BxS)
 
+  # decoding skips a recursion no row runs; the reference always computes (less to compile)
+  cond = jax.lax.cond if caches is not None else lambda p, run, skip: run()
   x = model.embed_tokens(tokens_BxS)
   prefix = []
   for i, blk in enumerate(plan.prefix):
@@ -165,7 +167,7 @@ def _exit_pass(model, tokens_BxS, pos_BxS, caches: ExitCaches | None, threshold,
     run = lambda: _blocks(model, plan.unit, state_BxSxD, pos_BxS, rec, go_BxS, unit_bufs,
                           visible_BxS, rc)
     skip = lambda: (state_BxSxD, unit_bufs, _write_only(unit_bufs, rc, pos_BxS, visible_BxS))
-    out_BxSxD, unit_bufs, rc = jax.lax.cond(jnp.any(go_BxS), run, skip)
+    out_BxSxD, unit_bufs, rc = cond(jnp.any(go_BxS), run, skip)
     recursions.append(rc)
     if mor and model.expert_choice:
       inc = R.combine_increment(state_BxSxD, out_BxSxD, gate_BxS, cfg.router.combine)
@@ -177,7 +179,7 @@ def _exit_pass(model, tokens_BxS, pos_BxS, caches: ExitCaches | None, threshold,
     pc = get("probe", r + 1)
     run = lambda: probe(state_BxSxD, go_BxS, probe_bufs, pc)
     skip = lambda: (logp_BxSxV, probe_bufs, _write_only(probe_bufs, pc, pos_BxS, ones))
-    new_logp, probe_bufs, pc = jax.lax.cond(jnp.any(go_BxS), run, skip)
+    new_logp, probe_bufs, pc = cond(jnp.any(go_BxS), run, skip)
     probes.append(pc)
     kl_BxS = jnp.maximum(jnp.sum(jnp.exp(new_logp) * (new_logp - logp_BxSxV), axis=-1), 0.0)
     logp_BxSxV = jnp.where(go_BxS[..., None], new_logp, logp_BxSxV)

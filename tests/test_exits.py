@@ -69,14 +69,15 @@ def test_threshold_zero_is_fixed_depth_and_inf_is_one_recursion():
 @pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
 def test_mor_threshold_zero_is_causal_routing(routing):
   m, toks = model("mor", routing), tokens()
-  n = m.cfg.num_recursions
-  logits, depth = forward(m, toks, 0.0, n)
-  np.testing.assert_allclose(logits, depth_forward(m, toks, n), atol=2e-5)
+  logits, depth = forward(m, toks, 0.0)   # past N_r: EC reuses the last router, TC goes on
+  np.testing.assert_allclose(logits, depth_forward(m, toks, MAX_DEPTH), atol=2e-5)
   graphdef, state = nnx.split(m)
-  routed = jax.jit(lambda st, t: nnx.merge(graphdef, st).routing_decisions(t, routing="causal"),
-                   compiler_options=FAST_COMPILE)(state, toks)
+  # the realised depths of the causal forward at MAX_DEPTH (no public hook takes max_depth)
+  trunk = lambda st, t: nnx.merge(graphdef, st)._trunk(t, None, "causal", None, MAX_DEPTH)[1]
+  routed = jax.jit(trunk, compiler_options=FAST_COMPILE)(state, toks)
   np.testing.assert_array_equal(depth, routed)
-  assert len(np.unique(routed)) > 1, "routers give every token the same depth"
+  assert len(np.unique(np.asarray(routed))) > 1, "routers give every token the same depth"
+  assert np.asarray(routed).max() == MAX_DEPTH
 
 
 def test_cached_decoding_equals_full_sequence():

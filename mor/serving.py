@@ -130,7 +130,9 @@ class Engine:
     if not plan.cycle:
       raise ValueError("depth-wise batching needs a cycle or middle_cycle plan")
     if getattr(cfg, "lora_rank", 0):  # one batched unit call would need per-slot adapters
-      raise ValueError("model.lora_rank > 0: the serving engine batches one unit call over all depths and has no per-slot adapters; merge them first (mor.interop.merge_lora) or use mor.decode.generate")
+      raise ValueError("model.lora_rank > 0: the serving engine batches one unit call over all "
+                       "depths and has no per-slot adapters; merge them first "
+                       "(mor.interop.merge_lora) or use mor.decode.generate")
     self.cfg, self.plan = cfg, plan
     self.kind = ("fixed" if cfg.kind != "mor" else
                  "ec" if cfg.router.routing == "expert_choice" else "tc")

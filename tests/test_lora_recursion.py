@@ -49,7 +49,7 @@ def _model(router: dict):
 
 
 def _merged_blocks(m, shift: int = 0) -> list[list]:
-  """[recursion][unit block] adapter-free Blocks holding W + A_{r'} B_{r'}, r' = (r + shift) % N_r."""
+  """[recursion][unit block] adapter-free Blocks holding W + A_r' B_r', r' = (r + shift) % N_r."""
   cfg0 = dataclasses.replace(m.cfg, lora_rank=0)
   n = m.cfg.num_recursions
   out = []

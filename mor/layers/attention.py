@@ -243,7 +243,7 @@ def _map_rows(fn, args: tuple, iters: int):
   """fn over the `iters` groups of rows: a loop when iters > 1, else one call (no loop op)."""
   if iters == 1:
     return jax.tree.map(lambda x: x[None], fn(tuple(x[0] for x in args)))
-  with jax.named_scope(CPU_LOOP_SCOPE):
+  with jax.named_scope(f"{CPU_LOOP_SCOPE}_attention"):
     return jax.lax.map(fn, args)
 
 
@@ -339,7 +339,19 @@ def _attend_splash(q_BxSxNxH: jax.Array, kv: KV, q_pos_BxS: jax.Array,
   k_BxKxTxH = rows(kv.k_BxTxKxH.astype(dt)).transpose(0, 2, 1, 3)
   v_BxKxTxH = rows(kv.v_BxTxKxH.astype(dt)).transpose(0, 2, 1, 3)
   per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))                # over KV heads
-  out = jax.vmap(per_head)(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, seg)     # over the batch
+  run = jax.vmap(per_head)                                            # over the batch
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    # a Mosaic kernel is not partitioned automatically: each device runs it on its own
+    # batch rows and KV heads (the layout the model's logical axes give them)
+    from mor import sharding
+    spec = sharding.logical_to_spec(("batch", "kv_heads"), mesh, (b, k))
+    P = jax.sharding.PartitionSpec
+    q_spec, kv_spec, rows_spec = P(*spec, None, None, None), P(*spec, None, None), P(spec[0])
+    run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
+                                                  sk.SegmentIds(rows_spec, rows_spec)),
+                        out_specs=q_spec, check_vma=False)
+  out = run(q_BxKxGxSxH, k_BxKxTxH, v_BxKxTxH, seg)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)[:, :s0].astype(dt)
 
 

@@ -79,7 +79,7 @@ def _swiglu_bwd(res, dy_TxD):
     return (dwg + mm(x.T, dg), dwu + mm(x.T, du), dwd + mm((silu * u).astype(dt).T, dy)), dx
 
   zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-  with jax.named_scope(CPU_LOOP_SCOPE):
+  with jax.named_scope(f"{CPU_LOOP_SCOPE}_swiglu"):
     (dwg, dwu, dwd), dx = jax.lax.scan(body, (zeros(wg), zeros(wu), zeros(wd)),
                                        (split_strided(x_TxD, iters),
                                         split_strided(dy_TxD, iters)))

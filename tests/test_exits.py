@@ -19,11 +19,11 @@ MID = 0.2          # KL thresholds at which depths are mixed (asserted): recursi
 MOR_MID = 3e-3     # and MoR expert-choice (gates of 0.1 move its distributions less)
 
 
-def cfg(kind="recursive", **router) -> ModelConfig:
-  """1 + 1 x 2 + 1 layers, untied head, init_std ~ 1/sqrt(d): O(1) logits."""
+def cfg(kind="recursive", sharing="middle_cycle", lora_rank=0, **router) -> ModelConfig:
+  """1 + 1 x 2 + 1 layers (middle_cycle), untied head, init_std ~ 1/sqrt(d): O(1) logits."""
   return ModelConfig(kind=kind, vocab_size=64, num_layers=4, d_model=32, num_heads=4,
                      num_kv_heads=2, ffn_dim=64, max_seq_len=32, num_recursions=2,
-                     sharing="middle_cycle", tie_embeddings=False, init_std=0.2,
+                     sharing=sharing, lora_rank=lora_rank, tie_embeddings=False, init_std=0.2,
                      router=RouterConfig(**router))
 
 
@@ -35,6 +35,21 @@ def model(kind="recursive", routing=None):
     heads = [rt.aux_head or rt.head for rt in m.routers] if m.expert_choice else [m.router.head]
     for h in heads:
       h.w_out[...] = h.w_out[...] * ROUTER_SCALE
+  return m
+
+
+@functools.cache
+def lora_model():
+  """Cycle sharing (no prefix or suffix: the probe is norm + head) with per-recursion LoRA
+  whose B is random, so the adapter each recursion picks changes the logits."""
+  m = build_model(cfg(sharing="cycle", lora_rank=2), 0)
+  n = 0
+  for blk in m.blocks:
+    for sub in (blk.attn, blk.mlp):
+      for ad in (sub.lora or {}).values():
+        ad.b[...] = jax.random.normal(jax.random.key(n), ad.b[...].shape) * 0.3
+        n += 1
+  assert n > 0
   return m
 
 
@@ -53,13 +68,16 @@ def forward(m, toks, threshold, max_depth=MAX_DEPTH):
   return exits.kl_exit_forward(m, toks, threshold, max_depth, compiler_options=FAST_COMPILE)
 
 
-def test_threshold_zero_is_fixed_depth_and_inf_is_one_recursion():
-  m, toks = model(), tokens()
-  ref = depth_forward(m, toks, MAX_DEPTH)
+@pytest.mark.parametrize("name", ["middle_cycle", "cycle_lora"])
+def test_threshold_zero_is_fixed_depth_and_inf_is_one_recursion(name):
+  m, toks = (model() if name == "middle_cycle" else lora_model()), tokens()
+  ref = depth_forward(m, toks, MAX_DEPTH)   # past N_r: LoRA of deeper steps reuses the last
   assert_scale(ref, what="logits")
   logits, depth = forward(m, toks, 0.0)
   np.testing.assert_allclose(logits, ref, atol=2e-5)
   assert (np.asarray(depth) == MAX_DEPTH).all()
+  if name == "cycle_lora":
+    return   # the one-recursion limit does not depend on the plan: one compile fewer
   logits, depth = forward(m, toks, float("inf"))
   np.testing.assert_allclose(logits, depth_forward(m, toks, 1), atol=2e-5)
   assert (np.asarray(depth) == 1).all()

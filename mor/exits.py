@@ -21,7 +21,8 @@ Probes always see every token: a token that stopped reuses its latest probe K/V.
 
 The output is the model's usual suffix + head over the final states (so
 threshold 0 equals `decode.depth_forward`); the probes only decide. The
-cached path (`kl_exit_prefill`, `kl_exit_step`, `kl_exit_generate`) keeps one
+cached path (`kl_exit_prefill`, `kl_exit_step`, `kl_exit_generate`, and the
+teacher-forced `kl_exit_decode`) keeps one
 KV cache per (recursion, unit block) and per (probe depth, suffix block) and
 writes every token's K/V at every depth by the rule above, so it equals the
 full-sequence reference `kl_exit_forward` token for token. A recursion that no

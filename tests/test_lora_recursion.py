@@ -31,8 +31,8 @@ TARGETS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"), "o": (
 
 
 def _model(router: dict):
-  """mor_cfg (1 + 2 x 3 + 1 layers, d 64) with rank-2 adapters, random non-zero A and B."""
-  cfg = dataclasses.replace(mor_cfg(**router), lora_rank=RANK)
+  """mor_cfg at 1 + 1 x 3 + 1 layers (d 64) with rank-2 adapters, random non-zero A and B."""
+  cfg = dataclasses.replace(mor_cfg(num_layers=5, **router), lora_rank=RANK)
   m = build_model(cfg, 0)
   heads = [rt.head for rt in m.routers] if m.expert_choice else [m.router.head]
   for h in heads:   # decisions far from ties: float noise cannot flip a top-k or an argmax

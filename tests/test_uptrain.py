@@ -141,7 +141,8 @@ def test_adapters_are_counted():
 
 
 def test_mor_zero_b_adapters_change_nothing():
-  kw = dict(router=config.RouterConfig(routing="expert_choice"))
+  # 5 layers: 1 + one shared block x 3 recursions (3 adapters per target) + 1
+  kw = dict(router=config.RouterConfig(routing="expert_choice"), num_layers=5)
   relaxed = zero_b(filled(model_cfg("mor", lora_rank=2, **kw)))
   plain = filled(model_cfg("mor", **kw))
   shared = dict(nnx.to_flat_state(nnx.state(relaxed, nnx.Param)))

@@ -159,3 +159,29 @@ def test_serving_engine_step_exports():
     eng.submit(np.arange(1, n + 1), 4)
   st = eng.start()
   export_all(eng._chunk_fn(), eng.params, st)
+
+
+def _script_command(text: str, module: str) -> list:
+  """The flags scripts/device_check.sh passes to `python3 -m module` ($SHAPE expanded)."""
+  joined = text.replace("\\\n", " ")
+  shape = " ".join(re.findall(r'^SHAPE="(?:\$SHAPE )?([^"]*)"', joined, re.MULTILINE))
+  line = next(ln for ln in joined.splitlines() if f"-m {module} " in ln)
+  flags = line.split(f"-m {module} ", 1)[1].split(">", 1)[0]
+  return flags.replace("$SHAPE", shape).split()
+
+
+def test_device_check_script_parses_and_its_bench_flags_exist(monkeypatch):
+  import subprocess
+  import sys
+  from experiments import bench_decode, bench_train
+  path = "scripts/device_check.sh"
+  subprocess.run(["bash", "-n", path], check=True)
+  text = open(path).read()
+  for mod, expect in ((bench_train, {"d_model": 960, "num_layers": 32, "dtype": "bfloat16",
+                                     "remat": True, "seq_len": 2048, "vocab": 49152}),
+                      (bench_decode, {"d_model": 960, "no_trained": True})):
+    argv = _script_command(text, mod.__name__)
+    monkeypatch.setattr(sys, "argv", [mod.__name__, *argv])
+    args = mod.parse()              # an unknown or malformed flag exits here
+    for k, v in expect.items():
+      assert getattr(args, k) == v, (mod.__name__, k)

@@ -117,8 +117,10 @@ def layer_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, hardware: b
     r_cfg = cfg.router
     for b in plan.prefix:
       layers.append(_layer(cfg, f"prefix{b}", s, s, causal))
-    if r_cfg.routing == "token_choice":
-      layers[-1] = _with_router(layers[-1], s * 2 * cfg.d_model * cfg.num_recursions)
+    if r_cfg.routing == "token_choice":   # on the prefix output (the embedding under cycle)
+      tc_router = s * 2 * cfg.d_model * cfg.num_recursions
+      layers[-1:] = ([_with_router(layers[-1], tc_router)] if layers else
+                     [LayerFlops("router", s, 0.0, 0.0, 0.0, tc_router)])
     for r, k in enumerate(caps):
       for i, b in enumerate(plan.unit):
         share = r_cfg.kv == "share"

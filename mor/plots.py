@@ -130,3 +130,86 @@ def plot_contribution(rows: Sequence[dict], path: str, title: str = "") -> str |
   ax.set_ylabel("recursion contribution (nats): NLL skipped - full")
   ax.set_title(title or "what the shared recursions add", fontsize=9)
   return _save(fig, ax, path)
+
+
+# ---------------------------------------------------------------------------
+# Depth tasks (mor.depth): rows are `mor.depth.evaluate_all` results.
+def _per_k(runs: Sequence[dict], get) -> tuple[list[int], np.ndarray]:
+  """Difficulties and a [seeds, difficulties] array of get(run) dicts keyed by difficulty."""
+  ks = sorted({int(k) for r in runs for k in get(r)})
+  return ks, np.array([[get(r).get(str(k), np.nan) for k in ks] for r in runs], float)
+
+
+def _band(ax, x, vals, label, **kw):
+  line, = ax.plot(x, np.nanmean(vals, 0), marker="o", label=label, **kw)
+  ax.fill_between(x, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.15, color=line.get_color())
+
+
+def plot_depth_task(rows: Sequence[dict], out_dir: str, stem: str) -> list[str]:
+  """Error per difficulty, routed depth per difficulty, test-time depth, FLOPs vs error."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(r["row"], []).append(r)
+  tmax = rows[0]["train_max_difficulty"]
+  paths = []
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  every = lambda r: {**r["error"], **{k: v for k, v in r["beyond"]["error"].items()
+                                      if int(k) > tmax}}
+  for name, runs in groups.items():
+    ks, err = _per_k(runs, every)
+    _band(ax, ks, 100 * err, name)
+    if "skip" in runs[0] and name == "recursive":
+      ks, sk = _per_k(runs, lambda r: r["skip"]["error"])
+      _band(ax, ks, 100 * sk, "recursive, recursions skipped", linestyle="--")
+  ax.axvspan(tmax + 0.5, max(ks) + 0.5, color="grey", alpha=0.1, label="beyond training")
+  ax.set(xlabel="difficulty", ylabel="per-token error (%)",
+         title=f"{stem}: error per difficulty (mean of seeds, band = min..max)")
+  paths.append(_save(fig, ax, os.path.join(out_dir, f"error_per_difficulty_{stem}.png")))
+
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  for name, runs in groups.items():
+    if "routing" in runs[0]:
+      ks, dep = _per_k(runs, lambda r: r["routing"]["causal"]["mean_depth"])
+      _band(ax, ks, dep, f"{name} (router, causal)")
+    for th in runs[0].get("kl_exit", {}):
+      ks, dep = _per_k(runs, lambda r, th=th: r["kl_exit"][th]["mean_depth"])
+      _band(ax, ks, dep, f"{name} (KL exit < {th})", linestyle=":")
+  ax.set(xlabel="difficulty (ground truth)", ylabel="mean recursions applied",
+         title=f"{stem}: routed depth vs difficulty")
+  paths.append(_save(fig, ax, os.path.join(out_dir, f"routed_depth_{stem}.png")))
+
+  tt = [(n, runs) for n, runs in groups.items() if "test_time" in runs[0]]
+  if tt:
+    fig, axes = plt.subplots(1, len(tt), figsize=(4.2 * len(tt), 4), dpi=100, squeeze=False)
+    for ax, (name, runs) in zip(axes[0], tt):
+      depths = sorted(int(d) for d in runs[0]["test_time"])
+      ks = sorted(int(k) for k in runs[0]["error"])
+      for k in ks:
+        vals = np.array([[r["test_time"][str(d)].get(str(k), np.nan) for d in depths]
+                         for r in runs])
+        _band(ax, depths, 100 * vals, f"k={k}", linestyle="-" if k <= tmax else "--")
+      ax.axvline(runs[0]["N_r"], color="k", lw=0.8)
+      ax.set(xlabel="recursions applied", ylabel="error (%)", title=name)
+      ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"test_time_depth_{stem}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  for name, runs in groups.items():
+    ks = [k for k in sorted(int(k) for k in runs[0]["error"]) if k <= tmax]
+    err = [100 * np.mean([r["error"][str(k)] for k in ks]) for r in runs]
+    fl = [r["forward_flops_per_token"] / 1e6 for r in runs]
+    ax.scatter(fl, err, label=name)
+    for th in runs[0].get("kl_exit", {}):
+      ex = [r["kl_exit"][th] for r in runs]
+      ax.scatter([e["flops_per_token"] / 1e6 for e in ex],
+                 [100 * np.mean([e["error"][str(k)] for k in ks]) for e in ex], marker="x",
+                 label=f"{name}, KL exit < {th}")
+  ax.set(xlabel="inference forward MFLOPs per token", ylabel=f"error (%), difficulty <= {tmax}",
+         title=f"{stem}: error vs FLOPs spent (one point per seed)")
+  paths.append(_save(fig, ax, os.path.join(out_dir, f"flops_vs_error_{stem}.png")))
+  return paths

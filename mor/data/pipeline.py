@@ -33,7 +33,8 @@ import numpy as np
 
 from mor.config import DataConfig
 from mor.data import corpus as corpus_lib
-from mor.data import tfds_text
+from mor.data import tasks, tfds_text
+from mor.data.tasks import local_batch as _local_batch
 from mor.data.tokenizer import Tokenizer, get_tokenizer
 
 _log = logging.getLogger(__name__)
@@ -73,15 +74,6 @@ def to_batch(rows_BxS1: np.ndarray) -> Batch:
   rows_BxS1 = np.asarray(rows_BxS1, dtype=np.int32)
   return dict(inputs=np.ascontiguousarray(rows_BxS1[:, :-1]),
               targets=np.ascontiguousarray(rows_BxS1[:, 1:]))
-
-
-def _local_batch(batch_size: int, process_index: int, process_count: int) -> int:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-  if batch_size % process_count:
-    raise ValueError(f"data.batch_size={batch_size} must be divisible by the number of "
-                     f"processes ({process_count})")
-  return batch_size // process_count
 
 
 def _json_safe(state: Any) -> Any:
@@ -203,7 +195,6 @@ def make_data(cfg: DataConfig, vocab_size: int, process_index: int = 0,
   (mor.data.tasks.TaskData: same interface, no tokenizer).
   """
   if cfg.corpus.startswith("task:"):
-    from mor.data import tasks
     return tasks.make_task_data(cfg, process_index, process_count)
   local = _local_batch(cfg.batch_size, process_index, process_count)  # fail before any work
   data_dir = corpus_lib.resolve_data_dir(cfg.data_dir)

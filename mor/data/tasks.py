@@ -31,9 +31,23 @@ import grain
 import numpy as np
 
 from mor.config import TASKS, DataConfig, TaskConfig
+from mor.data import corpus as corpus_lib
+
+# Generating a batch takes ~10 ms, so two reader threads keep far ahead of the step.
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 TRAIN, EVAL = 0, 1          # generator streams: held-out examples never share a seed path
 Example = dict[str, np.ndarray]
+
+
+def local_batch(batch_size: int, process_index: int, process_count: int) -> int:
+  """This process's share of the global batch (every input stream splits it the same way)."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  if batch_size % process_count:
+    raise ValueError(f"data.batch_size={batch_size} must be divisible by the number of "
+                     f"processes ({process_count})")
+  return batch_size // process_count
 
 
 def task_name(corpus: str) -> str | None:
@@ -178,10 +192,8 @@ class TaskData:
 
 def make_task_data(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> TaskData:
   """This process's infinite training stream and the held-out set of a depth task."""
-  from mor.data import corpus as corpus_lib
-  from mor.data.pipeline import _READ, _local_batch, _Restorable
   name = task_name(cfg.corpus)
-  local = _local_batch(cfg.batch_size, process_index, process_count)
+  local = local_batch(cfg.batch_size, process_index, process_count)
   # Index space 2**62: fresh examples for any run length. Each process takes every
   # process_count-th index, so processes never see the same example.
   indices = grain.MapDataset.range(process_index, 2**62, process_count)
@@ -189,5 +201,5 @@ def make_task_data(cfg: DataConfig, process_index: int = 0, process_count: int =
              .to_iter_dataset(_READ).batch(local, drop_remainder=True))
   fingerprint = corpus_lib.short_hash(cfg.corpus, dataclasses.astuple(cfg.task), cfg.seq_len,
                                       cfg.batch_size, cfg.seed, process_count, "task-v1")
-  return TaskData(name, cfg.task, _Restorable(iter(batches)), cfg.batch_size, process_index,
+  return TaskData(name, cfg.task, iter(batches), cfg.batch_size, process_index,
                   process_count, cfg.seq_len, cfg.seed, fingerprint)

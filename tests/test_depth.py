@@ -1,0 +1,125 @@
+"""Depth-task experiments (mor.depth, mor.depth_report): counters, scores and the table path."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mor import config as C, depth, depth_report, flops, report, routers, sweep
+
+
+def test_routed_flops_equal_static_counts_and_a_hand_count():
+  for row in ("recursive", "mor_ec", "mor_tc"):
+    m = depth.row_config("hops", row).model
+    caps = list(routers.capacities(m, 64)) if m.kind == "mor" else [64] * m.num_recursions
+    assert flops.routed_forward_flops_per_token(m, 64, caps) == pytest.approx(
+        flops.forward_flops_per_token(m, 64), rel=1e-12)
+  share = C.variant_config("mor_ec3_share").model
+  assert flops.routed_forward_flops_per_token(share, 64, list(routers.capacities(share, 64))) == \
+      pytest.approx(flops.forward_flops_per_token(share, 64), rel=1e-12)
+  # by hand: recursive, cycle 2 x 3, S = 8, recursion 1 on all 8 tokens, recursion 2 on 4 only
+  m = C.ModelConfig(kind="recursive", num_layers=2, num_recursions=2, sharing="cycle",
+                    vocab_size=10, d_model=4, num_heads=2, num_kv_heads=1, ffn_dim=6)
+  d, h, kv, f = 4, 2, 1, 6
+  def layer(n):   # tokens n, keys among them, causal (n + 1) / 2 (n == keys)
+    return n * (2 * d * h * 2 + 2 * h * 2 * d + 4 * d * kv * 2 + 4 * (n + 1) / 2 * h * 2 + 6 * d * f)
+  want = (layer(8) + layer(4)) / 8 + 2 * d * 10
+  assert flops.routed_forward_flops_per_token(m, 8, [8, 4]) == pytest.approx(want)
+
+
+def test_spearman_and_per_difficulty():
+  assert depth.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1)
+  assert depth.spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1)
+  # ties averaged: ranks (1.5, 1.5, 3) vs (1, 2, 3) -> r = 0.8660
+  assert depth.spearman(np.array([0, 0, 1]), np.array([1, 2, 3])) == pytest.approx(0.8660254)
+  assert np.isnan(depth.spearman(np.ones(5), np.arange(5)))
+  batches = [{"difficulty": np.array([[1, 2, 2, 0]]), "mask": np.array([[1, 1, 1, 0]])}]
+  got = depth.per_difficulty([np.array([[1.0, 3.0, 5.0, 100.0]])], batches)
+  assert got == {1: 1.0, 2: 4.0}
+
+
+def test_order_by_spread_calls_order_only_beyond_the_spread():
+  assert report.order_by_spread("a", [1.0, 1.2], "b", [2.0, 2.1]) == "a < b"
+  assert report.order_by_spread("a", [1.0, 2.0], "b", [1.9, 2.1]) == "tie"
+  assert report.order_by_spread("a", [3.0, 3.1], "b", [1.0, 1.05]) == "a > b"
+
+
+def test_rows_and_bad_names():
+  cfgs = {r: depth.row_config("hops", r) for r in depth.ROWS}
+  assert cfgs["vanilla_unique"].model.num_layers == depth.LAYERS // depth.N_R
+  assert cfgs["vanilla_applied"].model.num_layers == depth.LAYERS
+  assert cfgs["mor_tc"].model.router.routing == "token_choice"
+  assert len({c.train.steps for c in cfgs.values()}) == 1       # equal tokens by default
+  runs = depth.depth_sweep("hops", ("recursive", "mor_ec"), seeds=2)
+  assert [r.seed for r in runs] == [0, 0, 1, 1] and runs[2].cfg.data.seed == 1
+  budgeted = depth.depth_sweep("hops", ("vanilla_unique", "recursive"), seeds=1, budget=1e12)
+  assert all(r.cfg.train.flop_budget == 1e12 for r in budgeted)
+  with pytest.raises(C.ConfigError, match="row"):
+    depth.row_config("hops", "nope")
+  with pytest.raises(C.ConfigError, match="task"):
+    depth.row_config("sudoku", "recursive")
+
+
+TINY = dict(model={"d_model": 32, "num_heads": 2, "num_kv_heads": 2, "ffn_dim": 64,
+                   "max_seq_len": 16, "vocab_size": 40},
+            data={"seq_len": 16, "batch_size": 8},
+            train={"steps": 3, "log_every": 1, "checkpoint_every": 0, "eval_batches": 1})
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("depth"))
+  runs = depth.depth_sweep("hops", ("recursive", "mor_ec"), seeds=1, **TINY)
+  sweep.train_all(runs, root, log=lambda *a: None)
+  rows = depth.evaluate_all(runs, root, num_batches=1, exit_thresholds=[0.05], log=lambda *a: 0)
+  return runs, root, rows
+
+
+def test_evaluation_matches_an_independent_forward(tiny_table):
+  """Per-difficulty error of the cached evaluation = argmax of the model's own forward."""
+  from mor import decode
+  from mor.analysis import load_run
+  from mor.data import make_data
+  runs, root, rows = tiny_table
+  by = {r["row"]: r for r in rows}
+  for name in ("recursive", "mor_ec"):
+    run = next(r for r in runs if r.row_name == name)
+    model, cfg, _ = load_run(sweep.workdir(root, run))
+    b = make_data(cfg.data, cfg.model.vocab_size).eval_batches(1, max_difficulty=4)[0]
+    routing = {"routing": "causal"} if name == "mor_ec" else {}
+    logits = np.asarray(model(jnp.asarray(b["inputs"]), **routing)[0])
+    wrong = logits.argmax(-1) != b["targets"]
+    for k in range(1, 5):
+      sel = b["difficulty"] == k
+      assert by[name]["error"][str(k)] == pytest.approx(wrong[sel].mean())
+      # test-time depth 1: the unit applied once (an independent call of depth_forward)
+      one = np.asarray(decode.depth_forward(model, jnp.asarray(b["inputs"]), 1)).argmax(-1)
+      assert by[name]["test_time"]["1"][str(k)] == pytest.approx((one != b["targets"])[sel].mean())
+    assert by[name]["test_time"][str(cfg.model.num_recursions)] == by[name]["error"]
+  routed = np.asarray(by["mor_ec"]["routing"]["causal"]["mean_depth"]["1"])
+  assert 0 <= routed <= 3
+  assert "skip" in by["recursive"] and "routing" not in by["recursive"]
+  assert by["recursive"]["kl_exit_cached"]["depths_equal"]
+  # cached on disk; a second call reads it back instead of evaluating again
+  path = os.path.join(sweep.workdir(root, runs[0]), "depth_eval.json")
+  assert json.load(open(path))["row"]["name"] == runs[0].name
+  again = depth.evaluate_all(runs, root, num_batches=1, exit_thresholds=[0.05],
+                             log=lambda m: pytest.fail(m))
+  assert again == rows
+
+
+def test_report_writes_tables_plots_and_claims(tiny_table, tmp_path):
+  runs, root, rows = tiny_table
+  paths = depth_report.write(rows, runs, root, str(tmp_path), "hops_cpu")
+  names = {os.path.basename(p) for p in paths}
+  assert {"hops_cpu.md", "hops_cpu.csv", "hops_cpu_runs.csv", "error_per_difficulty_hops_cpu.png",
+          "routed_depth_hops_cpu.png", "test_time_depth_hops_cpu.png"} <= names
+  md = open(tmp_path / "hops_cpu.md").read()
+  assert "(ii) mor_ec: Spearman" in md and "(iii) recursive" in md and "KL < 0.05" in md
+  per_seed = open(tmp_path / "hops_cpu_runs.csv").read().splitlines()
+  assert len(per_seed) == 1 + len(rows)
+  err = depth_report.run_summary(next(r for r in rows if r["row"] == "recursive"))["err_train"]
+  want = 100 * np.mean([v for k, v in next(r for r in rows if r["row"] == "recursive")[
+      "error"].items() if int(k) <= 4])
+  assert err == pytest.approx(want)

@@ -22,7 +22,7 @@ _BUDGET = flags.DEFINE_float("budget", 0.0, "Forward FLOPs per run; 0 = the task
 _ROOT = flags.DEFINE_string("root", "", "Workdirs root; '' = runs/TASK_cpu.")
 _RESULTS = flags.DEFINE_string("results", "results", "Folder for tables and plots.")
 _BATCHES = flags.DEFINE_integer("eval_batches", 16, "Held-out batches per evaluation.")
-_THRESHOLDS = flags.DEFINE_list("kl_thresholds", ["0.001", "0.01", "0.1"],
+_THRESHOLDS = flags.DEFINE_list("kl_thresholds", ["0.01", "0.1", "0.5"],
                                 "KL-exit thresholds (nats) to compare; empty = none.")
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Train only.")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate finished runs; train nothing.")

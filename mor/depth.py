@@ -55,7 +55,7 @@ LABELS = {"vanilla_unique": "Vanilla, unique layers only (2)",
           "vanilla_applied": "Vanilla, applied depth (6)",
           "recursive": "Recursive, cycle 2 x 3", "mor_ec": "MoR expert-choice N_r=3",
           "mor_tc": "MoR token-choice N_r=3"}
-EVAL_VERSION = 2
+EVAL_VERSION = 3
 
 
 def row_config(task: str, row: str, **overrides) -> Config:
@@ -196,10 +196,10 @@ def evaluate_depth_run(run: sweep.Run, wd: str, data, num_batches: int = 16,
                       for mode in ("causal", "topk")}
     out["forward_flops_per_token"] = out["routing"]["causal"]["flops_per_token"]
   if recursive and exit_thresholds:
-    out["kl_exit"] = {str(th): _kl_exit_stats(model, batches, th, 2 * n_r)
+    # exits within the trained depth: recursions past N_r only hurt here (test_time)
+    out["kl_exit"] = {str(th): _kl_exit_stats(model, batches, th, n_r)
                       for th in exit_thresholds}
-    out["kl_exit_cached"] = _kl_exit_cached_check(model, batches[0], exit_thresholds[0],
-                                                  2 * n_r)
+    out["kl_exit_cached"] = _kl_exit_cached_check(model, batches[0], exit_thresholds[-1], n_r)
   return out
 
 
@@ -267,3 +267,43 @@ def evaluate_all(runs: Sequence[sweep.Run], root: str, num_batches: int = 16,
       json.dump({"key": key, "row": row}, f, indent=1)
     rows.append(row)
   return rows
+
+
+# ---------------------------------------------------------------------------
+# Per-token analysis (notebooks/recursion_depth.ipynb)
+def token_depths(model, cfg: Config, num_batches: int = 4) -> dict:
+  """Held-out scored tokens of a MoR depth-task run: difficulty and routed depth per routing.
+
+  {"difficulty": int[N], "causal": int[N], "topk": int[N], "inputs": int[B, S] (first batch),
+   "depth_BxS": the first batch's causal depths}.
+  """
+  from mor.data import make_data
+  data = make_data(cfg.data, cfg.model.vocab_size)
+  batches = data.eval_batches(num_batches, max_difficulty=cfg.data.task.max_difficulty)
+  res = _evaluate_modes(model, batches, 0) if cfg.model.kind == "mor" else None
+  if res is None:
+    raise ValueError(f"token_depths needs a MoR run, got model.kind={cfg.model.kind!r}")
+  mask = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
+  flat = lambda xs: np.concatenate([np.ravel(x) for x in xs])[mask]
+  return {"difficulty": flat([b["difficulty"] for b in batches]),
+          "causal": flat(res["causal"]["depth"]), "topk": flat(res["topk"]["depth"]),
+          "inputs": batches[0]["inputs"], "targets": batches[0]["targets"],
+          "difficulty_BxS": batches[0]["difficulty"], "depth_BxS": res["causal"]["depth"][0]}
+
+
+def hops_pieces(inputs_S: np.ndarray, t: TaskConfig) -> list[str]:
+  """Display strings of hops input ids: symbol letter and hop count, e.g. 'b3 '."""
+  rel = np.asarray(inputs_S) - (t.symbols + 1)
+  return [f"{'abcdefghijklmnop'[s]}{k + 1} " for s, k in zip(rel // t.eval_max_difficulty,
+                                                            rel % t.eval_max_difficulty)]
+
+
+def standin_run(workdir: str, steps: int = 20) -> str:
+  """A tiny MoR expert-choice hops run (for the notebook when no real run exists)."""
+  from mor import train
+  cfg = row_config("hops", "mor_ec", model={"d_model": 32, "num_heads": 2, "num_kv_heads": 2,
+                                            "ffn_dim": 64},
+                   data={"batch_size": 8}, train={"steps": steps, "log_every": 10,
+                                                  "checkpoint_every": 0, "eval_batches": 0})
+  train.run(cfg, workdir)
+  return workdir

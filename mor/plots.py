@@ -213,3 +213,22 @@ def plot_depth_task(rows: Sequence[dict], out_dir: str, stem: str) -> list[str]:
          title=f"{stem}: error vs FLOPs spent (one point per seed)")
   paths.append(_save(fig, ax, os.path.join(out_dir, f"flops_vs_error_{stem}.png")))
   return paths
+
+
+def plot_depth_vs_difficulty(difficulty_N: np.ndarray, depth_N: np.ndarray, n_r: int,
+                             title: str, path: str | None = None):
+  """Share of each difficulty's tokens routed to each depth (columns sum to 1), mean marked."""
+  ks = np.arange(1, int(difficulty_N.max()) + 1)
+  share = np.array([[np.mean(depth_N[difficulty_N == k] == d) if np.any(difficulty_N == k)
+                     else np.nan for k in ks] for d in range(n_r + 1)])
+  fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+  im = ax.imshow(share, origin="lower", cmap="Blues", vmin=0, vmax=1, aspect="auto",
+                 extent=(ks[0] - 0.5, ks[-1] + 0.5, -0.5, n_r + 0.5))
+  means = [depth_N[difficulty_N == k].mean() for k in ks]
+  ax.plot(ks, means, "o-", color="tab:red", label="mean depth")
+  fig.colorbar(im, ax=ax, label="share of the difficulty's tokens")
+  ax.set(xlabel="ground-truth difficulty", ylabel="recursions applied", title=title)
+  if path:
+    return _save(fig, ax, path)
+  ax.legend(fontsize=7)
+  return fig

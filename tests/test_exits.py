@@ -98,22 +98,14 @@ def test_mor_threshold_zero_is_causal_routing(routing):
   assert np.asarray(routed).max() == MAX_DEPTH
 
 
-def test_cached_decoding_equals_full_sequence():
-  m, toks = model(), tokens()
-  logits, depth = forward(m, toks, MID)
+@pytest.mark.parametrize("kind, routing, threshold, prefill", [
+    ("recursive", None, MID, 5), ("mor", "expert_choice", MOR_MID, 3)])
+def test_cached_decoding_equals_full_sequence(kind, routing, threshold, prefill):
+  m, toks = model(kind, routing), tokens()
+  logits, depth = forward(m, toks, threshold)
   assert len(np.unique(np.asarray(depth))) >= 3, f"depths barely vary: {depth}"
-  dec_logits, dec_depth = exits.kl_exit_decode(m, toks, MID, MAX_DEPTH, prefill_len=5,
-                                               compiler_options=FAST_COMPILE)
-  np.testing.assert_array_equal(dec_depth, depth)
-  np.testing.assert_allclose(dec_logits, logits, atol=2e-5)
-
-
-def test_cached_decoding_equals_full_sequence_mor():
-  m, toks = model("mor", "expert_choice"), tokens()
-  logits, depth = forward(m, toks, MOR_MID)
-  assert len(np.unique(np.asarray(depth))) >= 3, f"depths barely vary: {depth}"
-  dec_logits, dec_depth = exits.kl_exit_decode(m, toks, MOR_MID, MAX_DEPTH, prefill_len=3,
-                                               compiler_options=FAST_COMPILE)
+  dec_logits, dec_depth = exits.kl_exit_decode(m, toks, threshold, MAX_DEPTH,
+                                               prefill_len=prefill, compiler_options=FAST_COMPILE)
   np.testing.assert_array_equal(dec_depth, depth)
   np.testing.assert_allclose(dec_logits, logits, atol=2e-5)
 

@@ -1,15 +1,15 @@
 """Eight fake CPU devices for every test, set before the JAX backend starts.
 
-Tests compile far more than they run, so LLVM codegen runs at level 0: it
-halves compile time and leaves the HLO (and so every number) unchanged.
+Compile-speed flags (tests/xla_flags.py) for every test: the suite is compile-bound.
 """
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.xla_flags import FAST_XLA_FLAGS  # noqa: E402  (no imports of its own)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8 " + FAST_XLA_FLAGS).strip()
 
 import jax  # noqa: E402
 

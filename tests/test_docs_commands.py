@@ -196,7 +196,7 @@ def test_the_two_fresh_machine_commands_come_first_and_ci_runs_the_test_one():
     readme = f.read()
   blocks = [line for _, line in fenced_lines(readme)]
   assert blocks[0].startswith("bash setup.sh && python3 -m experiments.train ")
-  assert blocks[1] == "bash setup.sh && python3 -m pytest -q tests"
+  assert blocks[1] == "bash setup.sh && python3 -m pytest -q -n 2 tests"
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     assert blocks[1] in f.read().splitlines()
 

@@ -12,6 +12,7 @@ import pytest
 
 from mor import config, train
 from test_train import ArrayData
+from xla_flags import FAST_XLA_FLAGS
 
 import nbformat
 import nbclient
@@ -45,9 +46,9 @@ def test_notebook_runs(path, mor_run, monkeypatch):
   monkeypatch.setenv("MOR_TOKENS", str(mor_run / "tokens.npy"))
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  # the kernel is a fresh process: no fake devices from conftest, one CPU device; LLVM at
-  # level 0 as in conftest (the kernel compiles a dozen functions and runs them once)
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  # the kernel is a fresh process: no fake devices from conftest, one CPU device; the
+  # compile-speed flags as in conftest (the kernel compiles a dozen functions, runs them once)
+  monkeypatch.setenv("XLA_FLAGS", FAST_XLA_FLAGS)
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": ROOT}})

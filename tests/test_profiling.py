@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from mor import bench, profiling
+from xla_flags import FAST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def test_profile_feeds_donated_outputs_back():
 
 def test_profile_step_cli_attributes_a_train_step_to_model_lines():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")   # one device
+             XLA_FLAGS=FAST_XLA_FLAGS)   # one device
   run = subprocess.run(
       [sys.executable, "-m", "experiments.profile_step", "--model", "mor_ec", "--seq_len", "32",
        "--batch", "2", "--d_model", "32", "--vocab", "64", "--num_layers", "5",

@@ -129,6 +129,35 @@ def depth_forward(model, tokens_BxS: jax.Array, max_depth: int) -> jax.Array:
   return model.logits(x)
 
 
+def depth_logits_upto(model, tokens_BxS: jax.Array, max_depth: int) -> list[jax.Array]:
+  """[logits at depth d for d = 1..max_depth] of a recursive model, sharing the unit passes.
+
+  Equals [depth_forward(model, tokens, d) for d in 1..max_depth] but applies the
+  unit max_depth times instead of max_depth (max_depth + 1) / 2 times: depth d's
+  hidden state is depth d-1's plus one more pass, and only the suffix and head
+  run per depth. MoR routes differently at each maximum depth, so it has no such
+  shortcut.
+  """
+  plan = model.plan
+  if model.cfg.kind != "recursive" or not plan.cycle:
+    raise ValueError("depth_logits_upto needs a recursive model with a cycle plan")
+  b, s = tokens_BxS.shape
+  pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  x = model.embed_tokens(tokens_BxS)
+  for blk in plan.prefix:
+    x = model.blocks[blk](x, pos_BxS)[0]
+  out = []
+  for r in range(max_depth):
+    rec = min(r, plan.num_recursions - 1) if model.cfg.lora_rank else None
+    for blk in plan.unit:
+      x = model.blocks[blk](x, pos_BxS, recursion=rec)[0]
+    y = x
+    for blk in plan.suffix:
+      y = model.blocks[blk](y, pos_BxS)[0]
+    out.append(model.logits(y))
+  return out
+
+
 def _nll_sums(graphdef, state, inputs_BxS, targets_BxS, mask_BxS, max_depth: int):
   logits = depth_forward(nnx.merge(graphdef, state), inputs_BxS, max_depth)
   nll_BxS = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxS)

@@ -125,8 +125,12 @@ def _all_modes(graphdef, state, inputs_BxS, targets_BxS, max_depth: int) -> dict
     out["causal"] = score(model(inputs_BxS)[0])
   if model.cfg.kind in ("recursive", "mor"):
     out["skip"] = score(skip_recursions_logits(model, inputs_BxS))
-    for d in range(1, max_depth + 1):
-      out[f"depth_{d}"] = score(decode.depth_forward(model, inputs_BxS, d))
+    if model.cfg.kind == "recursive":   # one unit pass per depth instead of d per depth
+      depths = decode.depth_logits_upto(model, inputs_BxS, max_depth)
+    else:
+      depths = [decode.depth_forward(model, inputs_BxS, d) for d in range(1, max_depth + 1)]
+    for d, logits in enumerate(depths, 1):
+      out[f"depth_{d}"] = score(logits)
   return out
 
 

@@ -124,3 +124,31 @@ def test_nll_vs_depth(kind, depths):
   if 3 in depths:  # max depth = trained N_r is the standard causal forward
     want = jit_model(causal_nll, m)(batch["inputs"], batch["targets"])
     np.testing.assert_allclose(rows[depths.index(3)]["nll"], float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_depth_logits_upto_equal_each_depth_forward(lora_rank):
+  """The shared-pass test-time depths equal depth_forward at every depth, adapters included.
+
+  With non-zero per-recursion adapters (lora_rank 2), depths past N_r must reuse the
+  last recursion's adapter as depth_forward does; checked to fail with the adapter
+  index off by one and with the suffix applied in place (depth d+1 fed the suffix's output).
+  """
+  import dataclasses
+  m = build_model(dataclasses.replace(mor_cfg(kind="recursive", num_layers=5),
+                                      lora_rank=lora_rank), 0)
+  rng = np.random.default_rng(2)
+  for b in m.plan.unit:
+    for sub in ("attn", "mlp"):
+      for lora in (getattr(m.blocks[b], sub).lora.values() if lora_rank else ()):
+        lora.b[...] = jnp.asarray(rng.normal(0, 0.3, lora.b.shape), lora.b.dtype)
+  toks = jnp.asarray(tokens(2, 12, seed=5))
+  gd, state = nnx.split(m)
+  got = jax.jit(lambda st, t: decode.depth_logits_upto(nnx.merge(gd, st), t, 5),
+                compiler_options=FAST_COMPILE)(state, toks)
+  assert len(got) == 5
+  for d in range(1, 6):
+    want = decode.depth_forward(m, toks, d)
+    assert_scale(want, what=f"depth {d} logits")
+    np.testing.assert_allclose(np.asarray(got[d - 1]), np.asarray(want), atol=1e-4, rtol=1e-5)
+  assert float(jnp.max(jnp.abs(got[4] - got[3]))) > 1e-2   # depths differ: the check sees them

@@ -112,21 +112,10 @@ def depth_forward(model, tokens_BxS: jax.Array, max_depth: int) -> jax.Array:
   """Logits with the shared unit applied up to max_depth times (causal routing for MoR)."""
   if model.cfg.kind == "mor":
     return model(tokens_BxS, routing="causal", max_depth=max_depth)[0]
-  plan = model.plan
-  if model.cfg.kind != "recursive" or not plan.cycle:
-    raise ValueError("test-time depth scaling needs a recursive or MoR model with a cycle plan")
-  b, s = tokens_BxS.shape
-  pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  x = model.embed_tokens(tokens_BxS)
-  for blk in plan.prefix:
-    x = model.blocks[blk](x, pos_BxS)[0]
-  for r in range(max_depth):  # per-recursion LoRA adapters: deeper steps reuse the last
-    rec = min(r, plan.num_recursions - 1) if model.cfg.lora_rank else None
-    for blk in plan.unit:
-      x = model.blocks[blk](x, pos_BxS, recursion=rec)[0]
-  for blk in plan.suffix:
-    x = model.blocks[blk](x, pos_BxS)[0]
-  return model.logits(x)
+  x, pos_BxS = _recursive_stem(model, tokens_BxS)
+  for r in range(max_depth):
+    x = _unit_pass(model, x, pos_BxS, r)
+  return _suffix_logits(model, x, pos_BxS)
 
 
 def depth_logits_upto(model, tokens_BxS: jax.Array, max_depth: int) -> list[jax.Array]:
@@ -138,24 +127,42 @@ def depth_logits_upto(model, tokens_BxS: jax.Array, max_depth: int) -> list[jax.
   run per depth. MoR routes differently at each maximum depth, so it has no such
   shortcut.
   """
+  if model.cfg.kind != "recursive":
+    raise ValueError("depth_logits_upto needs a recursive model with a cycle plan")
+  x, pos_BxS = _recursive_stem(model, tokens_BxS)
+  out = []
+  for r in range(max_depth):
+    x = _unit_pass(model, x, pos_BxS, r)
+    out.append(_suffix_logits(model, x, pos_BxS))
+  return out
+
+
+def _recursive_stem(model, tokens_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Embedding and the unique prefix layers of a recursive model: (x_BxSxD, pos_BxS)."""
   plan = model.plan
   if model.cfg.kind != "recursive" or not plan.cycle:
-    raise ValueError("depth_logits_upto needs a recursive model with a cycle plan")
+    raise ValueError("test-time depth scaling needs a recursive or MoR model with a cycle plan")
   b, s = tokens_BxS.shape
   pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   x = model.embed_tokens(tokens_BxS)
   for blk in plan.prefix:
     x = model.blocks[blk](x, pos_BxS)[0]
-  out = []
-  for r in range(max_depth):
-    rec = min(r, plan.num_recursions - 1) if model.cfg.lora_rank else None
-    for blk in plan.unit:
-      x = model.blocks[blk](x, pos_BxS, recursion=rec)[0]
-    y = x
-    for blk in plan.suffix:
-      y = model.blocks[blk](y, pos_BxS)[0]
-    out.append(model.logits(y))
-  return out
+  return x, pos_BxS
+
+
+def _unit_pass(model, x_BxSxD: jax.Array, pos_BxS: jax.Array, r: int) -> jax.Array:
+  """Recursion r of the shared unit; per-recursion LoRA adapters: deeper steps reuse the last."""
+  plan = model.plan
+  rec = min(r, plan.num_recursions - 1) if model.cfg.lora_rank else None
+  for blk in plan.unit:
+    x_BxSxD = model.blocks[blk](x_BxSxD, pos_BxS, recursion=rec)[0]
+  return x_BxSxD
+
+
+def _suffix_logits(model, x_BxSxD: jax.Array, pos_BxS: jax.Array) -> jax.Array:
+  for blk in model.plan.suffix:
+    x_BxSxD = model.blocks[blk](x_BxSxD, pos_BxS)[0]
+  return model.logits(x_BxSxD)
 
 
 def _nll_sums(graphdef, state, inputs_BxS, targets_BxS, mask_BxS, max_depth: int):

@@ -131,8 +131,10 @@ def test_depth_logits_upto_equal_each_depth_forward(lora_rank):
   """The shared-pass test-time depths equal depth_forward at every depth, adapters included.
 
   With non-zero per-recursion adapters (lora_rank 2), depths past N_r must reuse the
-  last recursion's adapter as depth_forward does; checked to fail with the adapter
-  index off by one and with the suffix applied in place (depth d+1 fed the suffix's output).
+  last recursion's adapter as depth_forward does; depth N_r must equal the model's own
+  forward, whose adapter mapping is separate code. Checked to fail with the shared
+  unit pass's adapter index off by one and with the suffix applied in place (depth d+1
+  fed the suffix's output).
   """
   import dataclasses
   m = build_model(dataclasses.replace(mor_cfg(kind="recursive", num_layers=5),
@@ -151,4 +153,6 @@ def test_depth_logits_upto_equal_each_depth_forward(lora_rank):
     want = decode.depth_forward(m, toks, d)
     assert_scale(want, what=f"depth {d} logits")
     np.testing.assert_allclose(np.asarray(got[d - 1]), np.asarray(want), atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[m.cfg.num_recursions - 1]), np.asarray(m(toks)[0]),
+                             atol=1e-4, rtol=1e-5)
   assert float(jnp.max(jnp.abs(got[4] - got[3]))) > 1e-2   # depths differ: the check sees them

@@ -21,3 +21,28 @@ import tempfile  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mor_jax_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# MOR_COMPILE_PROFILE=FILE: per test, seconds spent tracing, lowering and compiling, and
+# persistent-cache hits, appended as JSON lines (the suite is compile-bound; this says where).
+_PROFILE = os.environ.get("MOR_COMPILE_PROFILE")
+if _PROFILE:
+  import collections  # noqa: E402
+  import json  # noqa: E402
+  import time  # noqa: E402
+
+  import pytest  # noqa: E402
+
+  _acc = collections.Counter()
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **kw: _acc.update({name.rsplit("/", 1)[-1]: secs}))
+  jax.monitoring.register_event_listener(
+      lambda name, **kw: _acc.update({name.rsplit("/", 1)[-1]: 1}))
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    _acc.clear()
+    t0 = time.perf_counter()
+    yield
+    with open(_PROFILE, "a") as f:
+      f.write(json.dumps({"test": item.nodeid, "wall": time.perf_counter() - t0,
+                          **{k: round(v, 3) for k, v in _acc.items()}}) + "\n")

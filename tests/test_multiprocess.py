@@ -18,6 +18,7 @@ from mor.config import DataConfig
 from mor.data import make_data
 from tests.test_data import _write_corpus
 from tests.test_train import ArrayData, tiny_cfg
+from tests.xla_flags import FAST_XLA_FLAGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +29,8 @@ def test_two_processes_compute_the_single_process_step(tmp_path):
                         seq_len=32, batch_size=8, eval_fraction=0.1, seed=3, shuffle_window=16)
   local = [make_data(data_cfg, 384, i, 2) for i in range(2)]   # also prepares the shared cache
   port = portpicker.pick_unused_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # not the 8 fake devices (mor.distributed gives each process 4), but the compile-speed flags
+  env = {**os.environ, "XLA_FLAGS": FAST_XLA_FLAGS}
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "mp_worker.py"), str(port),
                              str(i), str(tmp_path / f"out{i}.json"), str(tmp_path / "corpus"),
                              str(tmp_path / "cache"), str(tmp_path / "ckpt")], env=env,

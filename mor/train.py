@@ -1,7 +1,8 @@
 """Training: sharded init, a pure jitted train step, evaluation and the loop.
 
 The step is a pure function `(state, batch) -> (state, metrics)` over the
-`nnx.split` state, jitted with explicit in/out shardings and donated buffers
+`nnx.split` state (the learning-rate schedule's numbers are a runtime argument, bound
+per run, so runs that differ in steps or lr share one compile), jitted with explicit in/out shardings and donated buffers
 (this is what pjit became). Side effects (data, metrics, checkpoints) live in
 `run`, the loop.
 """
@@ -30,6 +31,26 @@ from mor.models import build_model
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundStep:
+  """A jitted `(state, batch, schedule_args)` program with one run's schedule bound.
+
+  Called, lowered or traced as `(state, batch)`; `program` and `schedule` are the
+  parts, for `jax.export` (which takes the jitted function itself).
+  """
+  program: Any
+  schedule: dict
+
+  def __call__(self, state, batch):
+    return self.program(state, batch, self.schedule)
+
+  def lower(self, state, batch):
+    return self.program.lower(state, batch, self.schedule)
+
+  def trace(self, state, batch):
+    return self.program.trace(state, batch, self.schedule)
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
   """Everything static about a run: config, mesh, graph definition, jitted steps."""
   cfg: Config
@@ -39,35 +60,64 @@ class Setup:
   state_shardings: Any
   batch_sharding: Any
   init: Callable
-  train_step: Callable
+  train_step: BoundStep
   eval_step: Callable
   steps: int
   flops_per_step: float
 
 
+# TrainConfig fields the compiled step depends on; every other field (steps, lr and the
+# schedule's shape, seeds, logging, budgets) reaches it as a runtime argument or not at
+# all, so runs that differ only there share one compile (sweeps, seeds, resumes, tests).
+STEP_FIELDS = ("schedule", "b1", "b2", "weight_decay", "clip", "grad_accum")
+RUN_FIELDS = ("steps", "flop_budget", "flop_convention", "lr", "min_lr_ratio", "warmup_frac",
+              "decay_frac", "seed", "log_every", "eval_every", "eval_batches",
+              "checkpoint_every", "keep_checkpoints", "peak_flops", "tensorboard", "wandb")
+
+
+def schedule_args(t: TrainConfig, steps: int) -> dict:
+  """The learning-rate schedule's numbers for a run of `steps` steps (runtime step inputs)."""
+  steps = max(steps, 1)
+  warm = max(1, int(t.warmup_frac * steps))
+  decay = max(1, int(t.decay_frac * steps))
+  return {"lr": np.float32(t.lr), "floor": np.float32(t.lr * t.min_lr_ratio),
+          "warm": np.int32(warm), "total": np.int32(max(steps, warm + 1)),
+          "decay": np.int32(decay), "decay_start": np.int32(warm + max(0, steps - warm - decay))}
+
+
+def lr_at(step: jax.Array, a: dict, kind: str) -> jax.Array:
+  """Learning rate at `step`: linear warm-up from 0 over a["warm"] steps, then
+
+  wsd: flat, then linear to a["floor"] over the last a["decay"] steps;
+  cosine: cosine to a["floor"] at a["total"]; constant: flat.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  lr, floor = a["lr"], a["floor"]
+  warm = jnp.asarray(a["warm"], jnp.float32)
+  up = lr * jnp.minimum(step / warm, 1.0)
+  if kind == "constant":
+    after = lr
+  elif kind == "cosine":
+    frac = jnp.clip((step - warm) / (a["total"] - warm), 0.0, 1.0)
+    after = floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  else:
+    frac = jnp.clip((step - a["decay_start"]) / a["decay"], 0.0, 1.0)
+    after = lr + (floor - lr) * frac
+  return jnp.where(step < warm, up, after)
+
+
 def lr_schedule(t: TrainConfig, steps: int) -> optax.Schedule:
   """Warmup-stable-decay (linear warm-up, flat, linear cool-down), cosine or constant."""
-  warm = max(1, int(t.warmup_frac * steps))
-  floor = t.lr * t.min_lr_ratio
-  if t.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warm, max(steps, warm + 1), floor)
-  if t.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warm),
-                                 optax.constant_schedule(t.lr)], [warm])
-  decay = max(1, int(t.decay_frac * steps))
-  stable = max(0, steps - warm - decay)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, t.lr, warm), optax.constant_schedule(t.lr),
-       optax.linear_schedule(t.lr, floor, decay)], [warm, warm + stable])
+  a = schedule_args(t, steps)
+  return lambda step: lr_at(step, a, t.schedule)
 
 
-def make_optimizer(t: TrainConfig, steps: int) -> optax.GradientTransformation:
+def make_optimizer(t: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; norms and biases (1-D) are not decayed."""
   mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
   return optax.chain(
       optax.clip_by_global_norm(t.clip) if t.clip > 0 else optax.identity(),
-      optax.adamw(lr_schedule(t, steps), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                  mask=mask))
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=mask))
 
 
 def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
@@ -176,11 +226,19 @@ def _scalar_metrics(aux: dict) -> dict:
   return out
 
 
-def make_train_step(graphdef, tx, grad_accum: int, schedule) -> Callable:
-  """Builds the pure train step; micro-batches are scanned when grad_accum > 1."""
-  grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
+def make_train_step(graphdef, t: TrainConfig) -> Callable:
+  """The pure step `(state, batch, schedule_args) -> (state, metrics)`.
 
-  def step_fn(state, batch):
+  Micro-batches are scanned when t.grad_accum > 1. The optimizer is built inside
+  the step from the runtime schedule numbers (`schedule_args`); its state has the
+  same structure as the one `make_optimizer(t, lr_schedule(t, steps))` initialises.
+  """
+  grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
+  grad_accum = t.grad_accum
+
+  def step_fn(state, batch, sched):
+    schedule = lambda count: lr_at(count, sched, t.schedule)
+    tx = make_optimizer(t, schedule)
     params, rest, step = state["params"], state["rest"], state["step"]
     if grad_accum == 1:
       (loss, (nll, aux, rest)), grads = grad_fn(graphdef, params, rest, batch, step)
@@ -245,23 +303,35 @@ def num_steps(cfg: Config) -> tuple[int, float]:
 def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
   """Builds the mesh, shardings and jitted init/train/eval functions for cfg.
 
-  Cached per (config, mesh), so resuming or sweeping in one process reuses the
-  compiled steps.
+  The jitted programs are cached per (model, STEP_FIELDS, mesh): resuming, seeds
+  and sweeps over steps, learning rates or budgets in one process reuse one compile.
   """
   return _setup(cfg, mesh if mesh is not None else sharding.make_mesh(cfg.mesh))
 
 
-@functools.lru_cache(maxsize=16)
 def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
   steps, per_step = num_steps(cfg)
-  tx = make_optimizer(cfg.train, max(steps, 1))
-  abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
+  p = _programs(cfg.model, tuple((f, getattr(cfg.train, f)) for f in STEP_FIELDS), mesh)
+  sched = jax.device_put(schedule_args(cfg.train, steps), sharding.replicated(mesh))
+  train_step = BoundStep(p["train_step"], sched)
+  return Setup(cfg, mesh, p["graphdef"], make_optimizer(cfg.train, lr_schedule(cfg.train, steps)),
+               p["shardings"], p["batch_sharding"], p["init"], train_step, p["eval_step"], steps,
+               per_step)
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(model_cfg, step_fields, mesh: jax.sharding.Mesh) -> dict:
+  """The jitted init, train and eval programs, shared by configs that differ only in RUN_FIELDS."""
+  t = TrainConfig(**dict(step_fields))
+  # optax builds the state structure without calling the schedule: any schedule will do
+  tx = make_optimizer(t, optax.constant_schedule(0.0))
+  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
   abstract_model.eval()   # deterministic modules (MoE noise, eval capacity) for evaluation
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
 
   def init_fn(key):
-    model = build_model(cfg.model, nnx.Rngs(key))
+    model = build_model(model_cfg, nnx.Rngs(key))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return {"params": params, "opt": tx.init(params), "rest": rest,
             "step": jnp.zeros((), jnp.int32)}
@@ -270,16 +340,14 @@ def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
   shardings = sharding.state_shardings(abstract, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   init = jax.jit(init_fn, out_shardings=shardings)
-  step_fn = make_train_step(graphdef, tx, cfg.train.grad_accum,
-                            lr_schedule(cfg.train, max(steps, 1)))
-  train_step = jax.jit(sharding.under_mesh(step_fn, mesh),
-                       in_shardings=(shardings, batch_sh),
-                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  rep = sharding.replicated(mesh)
+  train_step = jax.jit(sharding.under_mesh(make_train_step(graphdef, t), mesh),
+                       in_shardings=(shardings, batch_sh, rep),
+                       out_shardings=(shardings, rep), donate_argnums=0)
   eval_step = jax.jit(sharding.under_mesh(make_eval_step(eval_graphdef), mesh),
-                      in_shardings=(shardings, batch_sh),
-                      out_shardings=sharding.replicated(mesh))
-  return Setup(cfg, mesh, graphdef, tx, shardings, batch_sh, init, train_step, eval_step, steps,
-               per_step)
+                      in_shardings=(shardings, batch_sh), out_shardings=rep)
+  return {"graphdef": graphdef, "shardings": shardings, "batch_sharding": batch_sh,
+          "init": init, "train_step": train_step, "eval_step": eval_step}
 
 
 def init_state(s: Setup, seed: int | None = None):

@@ -32,7 +32,22 @@ if _PROFILE:
 
   import pytest  # noqa: E402
 
-  _acc = collections.Counter()
+  import logging  # noqa: E402
+  import re  # noqa: E402
+
+  _acc, _compiles = collections.Counter(), []
+
+  class _CompileLog(logging.Handler):
+    def emit(self, record):
+      m = re.search(r"Finished XLA compilation of (\S+) in ([\d.e-]+) sec", record.getMessage())
+      if m:
+        _compiles.append((m[1], round(float(m[2]), 2)))
+
+  jax.config.update("jax_log_compiles", True)
+  _log = logging.getLogger("jax._src.interpreters.pxla")
+  _log.addHandler(_CompileLog())
+  _log.setLevel(logging.DEBUG)
+  _log.propagate = False
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, secs, **kw: _acc.update({name.rsplit("/", 1)[-1]: secs}))
   jax.monitoring.register_event_listener(
@@ -41,8 +56,10 @@ if _PROFILE:
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
     _acc.clear()
+    _compiles.clear()
     t0 = time.perf_counter()
     yield
     with open(_PROFILE, "a") as f:
       f.write(json.dumps({"test": item.nodeid, "wall": time.perf_counter() - t0,
-                          **{k: round(v, 3) for k, v in _acc.items()}}) + "\n")
+                          **{k: round(v, 3) for k, v in _acc.items()},
+                          "compiles": sorted(_compiles, key=lambda c: -c[1])}) + "\n")

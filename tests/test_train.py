@@ -96,6 +96,61 @@ def test_grad_accumulation_equals_full_batch():
     np.testing.assert_allclose(a, c, atol=2e-6)
 
 
+def _optax_schedule(t, steps):
+  """The schedules as optax builds them: the independent reference for train.lr_at."""
+  import optax
+  warm, floor = max(1, int(t.warmup_frac * steps)), t.lr * t.min_lr_ratio
+  if t.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warm, max(steps, warm + 1), floor)
+  if t.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warm),
+                                 optax.constant_schedule(t.lr)], [warm])
+  decay = max(1, int(t.decay_frac * steps))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, t.lr, warm), optax.constant_schedule(t.lr),
+       optax.linear_schedule(t.lr, floor, decay)], [warm, warm + max(0, steps - warm - decay)])
+
+
+@pytest.mark.parametrize("kind,steps,warmup,decay", [("wsd", 40, 0.1, 0.3), ("wsd", 5, 0.5, 0.9),
+                                                      ("cosine", 30, 0.2, 0.0),
+                                                      ("constant", 12, 0.25, 0.0)])
+def test_runtime_schedule_equals_optax(kind, steps, warmup, decay):
+  t = config.TrainConfig(schedule=kind, lr=3e-3, min_lr_ratio=0.1, warmup_frac=warmup,
+                         decay_frac=decay)
+  ref, got = _optax_schedule(t, steps), train.lr_schedule(t, steps)
+  for step in range(steps + 3):
+    np.testing.assert_allclose(float(got(step)), float(ref(step)), rtol=1e-5, atol=1e-9)
+
+
+def test_runs_differing_in_lr_and_steps_share_one_compile():
+  import dataclasses
+  names = {f.name for f in dataclasses.fields(config.TrainConfig)}
+  assert set(train.STEP_FIELDS) | set(train.RUN_FIELDS) == names    # a new field must choose
+  assert not set(train.STEP_FIELDS) & set(train.RUN_FIELDS)
+  # step 0 has lr 0 (warm-up from 0), so step 1's Adam update is exactly proportional to lr
+  cfgs = [tiny_cfg(steps=steps, lr=lr, warmup_frac=0.1, seed=seed)
+          for steps, lr, seed in ((20, 1.1e-2, 0), (20, 3.3e-2, 1), (60, 1.1e-2, 0))]
+  before = train._programs.cache_info().misses   # 1 if no earlier test built tiny_cfg's
+  b = train.to_global(train.setup(cfgs[0]), next(ArrayData(cfgs[0])))
+  deltas, lrs = [], []
+  for cfg in cfgs:
+    s = train.setup(cfg)
+    state = train.init_state(s, seed=0)
+    p0 = np.asarray(jax.tree.leaves(state["params"])[0])
+    ms = []
+    for _ in range(2):
+      state, m = s.train_step(state, b)
+      ms.append(m)
+    deltas.append(np.asarray(jax.tree.leaves(state["params"])[0]) - p0)
+    lrs.append([float(m["lr"]) for m in ms])
+  assert train._programs.cache_info().misses - before <= 1
+  # warm = 2 steps (20 steps) and 6 steps (60 steps): lr at step 1 is lr / 2 and lr / 6
+  np.testing.assert_allclose(lrs, [[0, 5.5e-3], [0, 1.65e-2], [0, 1.1e-2 / 6]], rtol=1e-6)
+  assert np.abs(deltas[0]).max() > 1e-4
+  np.testing.assert_allclose(deltas[1], 3 * deltas[0], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(deltas[2], deltas[0] / 3, rtol=1e-4, atol=1e-7)
+
+
 def test_short_run_on_default_corpus_lowers_loss(tmp_path):
   cfg = tiny_cfg(steps=40, lr=5e-3, eval_every=0)
   cfg = config.replace(cfg, data={"corpus": "default"}, model={"vocab_size": 512})

@@ -48,8 +48,9 @@ def main():
   else:
     cfg = train_shape.config(args.model, args)
     s, state, batch = bench.train_step_inputs(cfg)
-    fn, inputs, per = s.train_step, (state, batch), 1
-    feed = lambda a, o: (o[0], a[1])
+    # the jitted program itself (AOT-compiled by profile), with this run's schedule numbers
+    fn, inputs, per = s.train_step.program, (state, batch, s.train_step.schedule), 1
+    feed = lambda a, o: (o[0], *a[1:])
   t = time.perf_counter()
   ops = profiling.profile(fn, *inputs, repeats=args.repeats, trace_dir=args.trace_dir or None,
                           feed=feed)

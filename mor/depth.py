@@ -50,12 +50,21 @@ ROWS = {   # name -> (kind, layers, router overrides)
     "recursive": ("recursive", LAYERS, {}),
     "mor_ec": ("mor", LAYERS, {"routing": "expert_choice"}),
     "mor_tc": ("mor", LAYERS, _TC),
+    # the router study (not in the default table): what the causal decision and the gate cost
+    "mor_ec_aux_router": ("mor", LAYERS, {"routing": "expert_choice", "causal": "aux_router"}),
+    "mor_ec_alpha1": ("mor", LAYERS, {"routing": "expert_choice", "alpha": 1.0}),
+    "mor_ec_alpha1_aux_router": ("mor", LAYERS, {"routing": "expert_choice", "alpha": 1.0,
+                                                 "causal": "aux_router"}),
 }
+TABLE_ROWS = ("vanilla_unique", "vanilla_applied", "recursive", "mor_ec", "mor_tc")
 LABELS = {"vanilla_unique": "Vanilla, unique layers only (2)",
           "vanilla_applied": "Vanilla, applied depth (6)",
           "recursive": "Recursive, cycle 2 x 3", "mor_ec": "MoR expert-choice N_r=3",
-          "mor_tc": "MoR token-choice N_r=3"}
-EVAL_VERSION = 3
+          "mor_tc": "MoR token-choice N_r=3",
+          "mor_ec_aux_router": "MoR-EC, auxiliary router",
+          "mor_ec_alpha1": "MoR-EC, gate alpha 1",
+          "mor_ec_alpha1_aux_router": "MoR-EC, alpha 1, auxiliary router"}
+EVAL_VERSION = 4
 
 
 def row_config(task: str, row: str, **overrides) -> Config:
@@ -72,7 +81,7 @@ def row_config(task: str, row: str, **overrides) -> Config:
   return config_lib.replace(cfg, **overrides) if overrides else cfg
 
 
-def depth_sweep(task: str, rows: Sequence[str] = tuple(ROWS), seeds: int = 2,
+def depth_sweep(task: str, rows: Sequence[str] = TABLE_ROWS, seeds: int = 2,
                 budget: float | None = None, **overrides) -> list[sweep.Run]:
   """The table's runs, `seeds` seeds per row (train.seed = data.seed = K), all seed 0 first.
 
@@ -198,6 +207,10 @@ def evaluate_depth_run(run: sweep.Run, wd: str, data, num_batches: int = 16,
   if m.kind == "mor":
     out["routing"] = {mode: _routing_stats(m, res[mode]["depth"], batches)
                       for mode in ("causal", "topk")}
+    # the training routing's error and how often inference routes a token as training did
+    out["routing"]["topk"]["error"] = res["topk"]["error"]
+    out["routing"]["agreement"] = _agreement(res["causal"]["depth"], res["topk"]["depth"],
+                                             batches)
     out["forward_flops_per_token"] = out["routing"]["causal"]["flops_per_token"]
   if recursive and exit_thresholds:
     # exits within the trained depth: recursions past N_r only hurt here (test_time)
@@ -213,6 +226,24 @@ def _routing_stats(m: ModelConfig, depth: list, batches) -> dict:
   dep = np.concatenate([np.ravel(x) for x in depth])
   return {"mean_depth": per_difficulty(depth, batches), "spearman": spearman(dep[mask], d[mask]),
           "flops_per_token": routed_flops_per_token(m, np.concatenate(depth))}
+
+
+def _agreement(causal: list, topk: list, batches) -> dict:
+  """Scored tokens whose causal (inference) depth equals their top-k (training) depth.
+
+  "all": the fraction over every scored token; "step_r": among tokens that reached
+  recursion r - 1 under both routings, the fraction whose go-deeper decision at r
+  agrees (the paper's sampling accuracy, per step).
+  """
+  mask = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
+  c = np.concatenate([np.ravel(x) for x in causal])[mask]
+  t = np.concatenate([np.ravel(x) for x in topk])[mask]
+  out = {"all": float(np.mean(c == t))}
+  for r in range(2, int(max(c.max(), t.max(), 1)) + 1):
+    both = (c >= r - 1) & (t >= r - 1)
+    if both.any():
+      out[f"step_{r}"] = float(np.mean((c[both] >= r) == (t[both] >= r)))
+  return out
 
 
 def _kl_exit_stats(model, batches, threshold: float, max_depth: int) -> dict:

@@ -51,6 +51,12 @@ def run_summary(r: dict) -> dict:
     out["spearman"] = c["spearman"]
     out["spearman_topk"] = r["routing"]["topk"]["spearman"]
     out.update({f"depth_k{k}": _k(c["mean_depth"], k) for k in ks})
+    t = r["routing"]["topk"]
+    out["depth_causal"] = float(np.mean([_k(c["mean_depth"], k) for k in train_ks]))
+    out["depth_topk"] = float(np.mean([_k(t["mean_depth"], k) for k in train_ks]))
+    if "error" in t:   # evaluations from EVAL_VERSION 4 on
+      out["err_train_topk"] = _mean_over(t["error"], train_ks)
+      out.update({f"agree_{k}": 100 * v for k, v in r["routing"]["agreement"].items()})
   return out
 
 
@@ -95,9 +101,7 @@ def claims(rows: Sequence[dict]) -> list[str]:
                f"spread; the gap to equal applied depth is {np.mean(rec) - np.mean(app):+.1f} "
                "points.")
   rec_err, rec_fl = vals("recursive", "err_train"), vals("recursive", "inference_flops_per_token")
-  for row in ("mor_ec", "mor_tc"):
-    if row not in by:
-      continue
+  for row in [n for n in by if n.startswith("mor")]:
     sp = vals(row, "spearman")
     err, fl = vals(row, "err_train"), vals(row, "inference_flops_per_token")
     o = report.order_by_spread(row, err, "recursive", rec_err) if rec_err else "n/a"
@@ -187,12 +191,37 @@ def markdown(rows: Sequence[dict], task: str) -> str:
                    " | ".join(_fmt(*_stat(by[n], f"depth_k{k}"), 2) for k in ks) +
                    f" | {_fmt(*_stat(by[n], 'spearman'), 2)} | "
                    f"{_fmt(*_stat(by[n], 'spearman_topk'), 2)} |")
+  lines += _routing_markdown(by, names, tmax)
   lines += _test_time_markdown(rows, ks, "test_time", "training-range held-out set")
   lines += _test_time_markdown(rows, [k for k in kall if k > tmax], "beyond",
                                "beyond-training set; its hop-count ids were never trained")
   lines += _kl_markdown(rows)
   lines += ["", "## Claims", ""] + [f"- {c}" for c in claims(rows)]
   return "\n".join(lines) + "\n"
+
+
+def _routing_markdown(by: dict, names: Sequence[str], tmax: int) -> list[str]:
+  """Inference (causal) routing against the training (top-k) routing it should reproduce."""
+  names = [n for n in names if "agree_all" in by[n][0]]
+  if not names:
+    return []
+  steps = sorted({k for n in names for k in by[n][0] if k.startswith("agree_step_")})
+  lines = ["", "## Inference routing against training routing (MoR)", "",
+           f"Error on difficulties 1-{tmax} and mean routed depth (unweighted over difficulties)"
+           " with the causal decisions decoding uses and with the top-k routing of training; "
+           "agreement: scored tokens given the same depth by both (%), and per recursion step "
+           "the same go-deeper decision among tokens that reached the step before it under both.",
+           "", "| model | err, causal | err, top-k | depth, causal | depth, top-k | agreement | " +
+           " | ".join(f"agreement, step {k.rsplit('_', 1)[1]}" for k in steps) + " |",
+           "|" + " --- |" * (6 + len(steps))]
+  for n in names:
+    runs = by[n]
+    cells = [depth.LABELS.get(n, n), _fmt(*_stat(runs, "err_train")),
+             _fmt(*_stat(runs, "err_train_topk")), _fmt(*_stat(runs, "depth_causal"), 2),
+             _fmt(*_stat(runs, "depth_topk"), 2), _fmt(*_stat(runs, "agree_all"))]
+    cells += [_fmt(*_stat(runs, k)) for k in steps]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def _test_time_markdown(rows, ks, which: str, what: str) -> list[str]:
@@ -276,13 +305,12 @@ def table_csv(rows: Sequence[dict]) -> str:
 
 
 def write(rows: Sequence[dict], runs: Sequence[sweep.Run], root: str, out_dir: str,
-          stem: str) -> list[str]:
+          stem: str, task: str) -> list[str]:
   """RESULTS/STEM.md, STEM.csv, STEM_runs.csv and the plots; returns the paths."""
   if not rows:
     print("[depth] no finished runs to report")
     return []
   os.makedirs(out_dir, exist_ok=True)
-  task = stem.rsplit("_", 1)[0]
   paths = []
   for name, text in ((f"{stem}.md", markdown(rows, task)), (f"{stem}.csv", table_csv(rows)),
                      (f"{stem}_runs.csv", runs_csv(rows))):

@@ -39,6 +39,17 @@ def test_spearman_and_per_difficulty():
   assert got == {1: 1.0, 2: 4.0}
 
 
+def test_agreement_by_hand():
+  """Tokens (causal, top-k): (1, 1) (2, 1) (3, 3) (2, 3) (1, 2), and one unscored (3, 1)."""
+  batches = [{"mask": np.array([[1, 1, 1, 1, 1, 0]])}]
+  got = depth._agreement([np.array([[1, 2, 3, 2, 1, 3]])], [np.array([[1, 1, 3, 3, 2, 1]])],
+                         batches)
+  # step 2: all five reached 1 under both; same decision (>= 2) for tokens 1, 3, 4 -> 3/5
+  # step 3: reached 2 under both: tokens 3, 4; same decision for token 3 only -> 1/2
+  assert got == {"all": pytest.approx(2 / 5), "step_2": pytest.approx(3 / 5),
+                 "step_3": pytest.approx(1 / 2)}
+
+
 def test_order_by_spread_calls_order_only_beyond_the_spread():
   assert report.order_by_spread("a", [1.0, 1.2], "b", [2.0, 2.1]) == "a < b"
   assert report.order_by_spread("a", [1.0, 2.0], "b", [1.9, 2.1]) == "tie"
@@ -99,6 +110,17 @@ def test_evaluation_matches_an_independent_forward(tiny_table):
     assert by[name]["test_time"][str(cfg.model.num_recursions)] == by[name]["error"]
   routed = np.asarray(by["mor_ec"]["routing"]["causal"]["mean_depth"]["1"])
   assert 0 <= routed <= 3
+  # the training routing's error and the causal/top-k agreement, from independent calls
+  run = next(r for r in runs if r.row_name == "mor_ec")
+  model, cfg, _ = load_run(sweep.workdir(root, run))
+  b = make_data(cfg.data, cfg.model.vocab_size).eval_batches(1, max_difficulty=4)[0]
+  x, sel = jnp.asarray(b["inputs"]), b["mask"] == 1
+  wrong = np.asarray(model(x, routing="topk")[0]).argmax(-1) != b["targets"]
+  topk = by["mor_ec"]["routing"]["topk"]
+  for k in range(1, 5):
+    assert topk["error"][str(k)] == pytest.approx(wrong[sel & (b["difficulty"] == k)].mean())
+  c, t = (np.asarray(model.routing_decisions(x, routing=m))[sel] for m in ("causal", "topk"))
+  assert by["mor_ec"]["routing"]["agreement"]["all"] == pytest.approx(np.mean(c == t))
   assert "skip" in by["recursive"] and "routing" not in by["recursive"]
   assert by["recursive"]["kl_exit_cached"]["depths_equal"]
   # cached on disk; a second call reads it back instead of evaluating again
@@ -111,12 +133,17 @@ def test_evaluation_matches_an_independent_forward(tiny_table):
 
 def test_report_writes_tables_plots_and_claims(tiny_table, tmp_path):
   runs, root, rows = tiny_table
-  paths = depth_report.write(rows, runs, root, str(tmp_path), "hops_cpu")
+  paths = depth_report.write(rows, runs, root, str(tmp_path), "hops_cpu", "hops")
   names = {os.path.basename(p) for p in paths}
   assert {"hops_cpu.md", "hops_cpu.csv", "hops_cpu_runs.csv", "error_per_difficulty_hops_cpu.png",
           "routed_depth_hops_cpu.png", "test_time_depth_hops_cpu.png"} <= names
   md = open(tmp_path / "hops_cpu.md").read()
   assert "(ii) mor_ec: Spearman" in md and "(iii) recursive" in md and "KL < 0.05" in md
+  assert "## Inference routing against training routing (MoR)" in md
+  section = md.split("## Inference routing against training routing (MoR)")[1]
+  line = next(l for l in section.splitlines() if l.startswith("| MoR expert-choice N_r=3 | "))
+  mor = next(r for r in rows if r["row"] == "mor_ec")
+  assert f"{100 * mor['routing']['agreement']['all']:.1f} ± 0.0" in line
   per_seed = open(tmp_path / "hops_cpu_runs.csv").read().splitlines()
   assert len(per_seed) == 1 + len(rows)
   err = depth_report.run_summary(next(r for r in rows if r["row"] == "recursive"))["err_train"]

@@ -208,7 +208,7 @@ def evaluate_depth_run(run: sweep.Run, wd: str, data, num_batches: int = 16,
     out["routing"] = {mode: _routing_stats(m, res[mode]["depth"], batches)
                       for mode in ("causal", "topk")}
     # the training routing's error and how often inference routes a token as training did
-    out["routing"]["topk"]["error"] = res["topk"]["error"]
+    out["routing"]["topk"].update(error=res["topk"]["error"], nll=res["topk"]["nll"])
     out["routing"]["agreement"] = _agreement(res["causal"]["depth"], res["topk"]["depth"],
                                              batches)
     out["forward_flops_per_token"] = out["routing"]["causal"]["flops_per_token"]

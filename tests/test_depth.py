@@ -115,11 +115,18 @@ def test_evaluation_matches_an_independent_forward(tiny_table):
   model, cfg, _ = load_run(sweep.workdir(root, run))
   b = make_data(cfg.data, cfg.model.vocab_size).eval_batches(1, max_difficulty=4)[0]
   x, sel = jnp.asarray(b["inputs"]), b["mask"] == 1
-  wrong = np.asarray(model(x, routing="topk")[0]).argmax(-1) != b["targets"]
-  topk = by["mor_ec"]["routing"]["topk"]
+  logits = np.asarray(model(x, routing="topk")[0], np.float64)
+  wrong = logits.argmax(-1) != b["targets"]
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
+  topk, causal = (by["mor_ec"]["routing"][m] for m in ("topk", "causal"))
   for k in range(1, 5):
-    assert topk["error"][str(k)] == pytest.approx(wrong[sel & (b["difficulty"] == k)].mean())
+    at = sel & (b["difficulty"] == k)
+    assert topk["error"][str(k)] == pytest.approx(wrong[at].mean())
+    assert topk["nll"][str(k)] == pytest.approx(nll[at].mean(), rel=1e-5)
+    assert topk["nll"][str(k)] != pytest.approx(by["mor_ec"]["nll"][str(k)], rel=1e-4)
   c, t = (np.asarray(model.routing_decisions(x, routing=m))[sel] for m in ("causal", "topk"))
+  assert 0 < np.mean(c == t) < 1       # the two routings differ here, so the check has teeth
   assert by["mor_ec"]["routing"]["agreement"]["all"] == pytest.approx(np.mean(c == t))
   assert "skip" in by["recursive"] and "routing" not in by["recursive"]
   assert by["recursive"]["kl_exit_cached"]["depths_equal"]

@@ -52,6 +52,9 @@ class RouterConfig:
   kv: str = "cache"                   # cache | share
   threshold: float = 0.5              # causal decision on sigmoid(logit)
   combine: str = "reference"          # reference (1+g)H + g delta | residual | straight_through
+  # token-choice on a depth task: each token's depth from the data, not the router (an
+  # oracle: its difficulty; its control: another position's difficulty, same histogram)
+  depth_from: str = "router"          # router | difficulty | shifted_difficulty
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class MeshConfig:
   expert: int = 1
 
 
+DEPTH_FROM = ("router", "difficulty", "shifted_difficulty")
 TASKS = ("hops", "assign")            # depth tasks, data.corpus = "task:NAME" (mor.data.tasks)
 
 
@@ -235,6 +239,12 @@ def validate(cfg: Config) -> Config:
     _choice("model.router.combine", r.combine, COMBINES)
     gates = ("sigmoid", "tanh") if r.routing == "expert_choice" else ("softmax", "sigmoid")
     _choice("model.router.gate", r.gate, gates)
+    _choice("model.router.depth_from", r.depth_from, DEPTH_FROM)
+    if r.depth_from != "router" and (r.routing != "token_choice" or
+                                     not cfg.data.corpus.startswith("task:")):
+      raise ConfigError(f"model.router.depth_from={r.depth_from!r} needs model.router.routing="
+                        "'token_choice' and a depth task (data.corpus='task:NAME'); "
+                        "otherwise use 'router'")
     if m.sharing not in ("cycle", "middle_cycle"):
       raise ConfigError(f"model.sharing={m.sharing!r} is not allowed with model.kind='mor'; "
                         "choose one of cycle, middle_cycle")

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from scipy import stats as scipy_stats
 
-from mor import config as config_lib, flops as flops_lib, sweep
+from mor import config as config_lib, flops as flops_lib, routers, sweep
 from mor.config import Config, DataConfig, ModelConfig, RouterConfig, TaskConfig, TrainConfig
 
 N_R = 3
@@ -55,6 +55,12 @@ ROWS = {   # name -> (kind, layers, router overrides)
     "mor_ec_alpha1": ("mor", LAYERS, {"routing": "expert_choice", "alpha": 1.0}),
     "mor_ec_alpha1_aux_router": ("mor", LAYERS, {"routing": "expert_choice", "alpha": 1.0,
                                                  "causal": "aux_router"}),
+    # token-choice with the depths given: each token's difficulty (capped at N_r), and the
+    # control with another position's difficulty (same histogram); slots for 2x the mean
+    "mor_tc_oracle": ("mor", LAYERS, dict(_TC, depth_from="difficulty", balance_coef=0.0,
+                                          capacity_factor=2.0)),
+    "mor_tc_shifted": ("mor", LAYERS, dict(_TC, depth_from="shifted_difficulty",
+                                           balance_coef=0.0, capacity_factor=2.0)),
 }
 TABLE_ROWS = ("vanilla_unique", "vanilla_applied", "recursive", "mor_ec", "mor_tc")
 LABELS = {"vanilla_unique": "Vanilla, unique layers only (2)",
@@ -63,7 +69,9 @@ LABELS = {"vanilla_unique": "Vanilla, unique layers only (2)",
           "mor_tc": "MoR token-choice N_r=3",
           "mor_ec_aux_router": "MoR-EC, auxiliary router",
           "mor_ec_alpha1": "MoR-EC, gate alpha 1",
-          "mor_ec_alpha1_aux_router": "MoR-EC, alpha 1, auxiliary router"}
+          "mor_ec_alpha1_aux_router": "MoR-EC, alpha 1, auxiliary router",
+          "mor_tc_oracle": "MoR-TC, depth = difficulty (oracle)",
+          "mor_tc_shifted": "MoR-TC, depth = another token's difficulty"}
 EVAL_VERSION = 4
 
 
@@ -107,7 +115,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_depth"))
-def _all_modes(graphdef, state, inputs_BxS, targets_BxS, max_depth: int) -> dict:
+def _all_modes(graphdef, state, inputs_BxS, targets_BxS, difficulty_BxS, max_depth: int) -> dict:
   """Per-token [wrong, nll] of every evaluation mode in one program (one compile per model).
 
   causal: the model's inference forward (MoR: causal routing, with its depth);
@@ -126,9 +134,11 @@ def _all_modes(graphdef, state, inputs_BxS, targets_BxS, max_depth: int) -> dict
 
   out = {}
   if model.cfg.kind == "mor":
-    logits, depth, _ = model._forward(inputs_BxS, None, "causal", None)
+    forced = (None if model.cfg.router.depth_from == "router" else
+              routers.data_depth(model.cfg, difficulty_BxS))   # the oracle rows' given depths
+    logits, depth, _ = model._forward(inputs_BxS, None, "causal", None, None, forced)
     out["causal"] = dict(score(logits), depth=depth)
-    logits, depth, _ = model._forward(inputs_BxS, None, "topk", None)
+    logits, depth, _ = model._forward(inputs_BxS, None, "topk", None, None, forced)
     out["topk"] = dict(score(logits), depth=depth)
   else:
     out["causal"] = score(model(inputs_BxS)[0])
@@ -155,7 +165,8 @@ def _evaluate_modes(model, batches, max_depth: int) -> dict:
   """{mode: {"error", "nll" per difficulty, and "depth" [B, S] arrays where routed}}."""
   graphdef, state = nnx.split(model)
   outs = [jax.device_get(_all_modes(graphdef, state, jnp.asarray(b["inputs"]),
-                                    jnp.asarray(b["targets"]), max_depth)) for b in batches]
+                                    jnp.asarray(b["targets"]), jnp.asarray(b["difficulty"]),
+                                    max_depth)) for b in batches]
   res = {}
   for mode in outs[0]:
     res[mode] = {"error": per_difficulty([o[mode]["wrong"] for o in outs], batches),
@@ -195,12 +206,16 @@ def evaluate_depth_run(run: sweep.Run, wd: str, data, num_batches: int = 16,
          "flops": per_step * step, "tokens": step * cfg.data.batch_size * cfg.data.seq_len,
          "forward_flops_per_token": flops_lib.forward_flops_per_token(m, cfg.data.seq_len),
          "version": EVAL_VERSION}
-  res = _evaluate_modes(model, batches, 2 * n_r)
-  beyond = _evaluate_modes(model, wide, 2 * n_r)
+  # given depths (oracle rows) have no test-time depth or exit rule to compare
+  given = m.kind == "mor" and m.router.depth_from != "router"
+  test_depth = 0 if given else 2 * n_r
+  res = _evaluate_modes(model, batches, test_depth)
+  beyond = _evaluate_modes(model, wide, test_depth)
   out.update(error=res["causal"]["error"], nll=res["causal"]["nll"],
              beyond={"error": beyond["causal"]["error"]})
   if recursive:
     out["skip"] = {k: res["skip"][k] for k in ("error", "nll")}
+  if recursive and not given:
     out["test_time"] = {d: res[f"depth_{d}"]["error"] for d in range(1, 2 * n_r + 1)}
     out["beyond"]["test_time"] = {d: beyond[f"depth_{d}"]["error"]
                                   for d in range(1, 2 * n_r + 1)}
@@ -212,7 +227,7 @@ def evaluate_depth_run(run: sweep.Run, wd: str, data, num_batches: int = 16,
     out["routing"]["agreement"] = _agreement(res["causal"]["depth"], res["topk"]["depth"],
                                              batches)
     out["forward_flops_per_token"] = out["routing"]["causal"]["flops_per_token"]
-  if recursive and exit_thresholds:
+  if recursive and exit_thresholds and not given:
     # exits within the trained depth: recursions past N_r only hurt here (test_time)
     out["kl_exit"] = {str(th): _kl_exit_stats(model, batches, th, n_r)
                       for th in exit_thresholds}

@@ -48,6 +48,20 @@ def capacities(cfg: ModelConfig, seq_len: int) -> list[int]:
   return [max(1, math.floor(c * s + 1e-9)) for c in rc.capacities]
 
 
+def data_depth(cfg: ModelConfig, difficulty_BxS: jax.Array) -> jax.Array:
+  """Token-choice depths taken from a depth task's batch (router.depth_from), int32 in 1..N_r.
+
+  difficulty: each token's own difficulty (the oracle); shifted_difficulty: the difficulty
+  of the token half a sequence away (cyclically), so the depth histogram is the oracle's
+  but carries nothing about the token (the oracle's control; difficulties are drawn per
+  position independently).
+  """
+  d = jnp.asarray(difficulty_BxS, jnp.int32)
+  if cfg.router.depth_from == "shifted_difficulty":
+    d = jnp.roll(d, d.shape[1] // 2, axis=1)
+  return jnp.clip(d, 1, cfg.num_recursions)
+
+
 def warmup_capacities(cfg: ModelConfig, seq_len: int, step: jax.Array) -> jax.Array:
   """Expert-choice k_r in capacity warm-up (cosine decay from full); int32 [N_r]."""
   frac = jnp.asarray(ec_fractions(cfg), jnp.float32)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mor import checkpoint, config as config_lib, flops, sharding, uptrain
+from mor import checkpoint, config as config_lib, flops, routers, sharding, uptrain
 from mor import data as data_lib, metrics as metrics_lib
 from mor.config import Config, TrainConfig
 from mor.models import build_model
@@ -214,7 +214,10 @@ def _forward(graphdef, params, rest, batch, step, routing: str = "topk"):
   # copy: modules that advance their own RNG counters (noisy MoE gates) mutate `rest`
   model = nnx.merge(graphdef, params, rest, copy=True)
   # the head and the loss run chunked (lm_head_cross_entropy): all logits never exist
-  h, _, aux = model(batch["inputs"], step=step, routing=routing, head=False)
+  kw = {}
+  if model.cfg.router.depth_from != "router":   # a depth task's oracle depths (MoR, TC)
+    kw["depth_BxS"] = routers.data_depth(model.cfg, batch["difficulty"])
+  h, _, aux = model(batch["inputs"], step=step, routing=routing, head=False, **kw)
   nll = lm_head_cross_entropy(h, model.head_weight(), batch["targets"],
                               mask_BxS=batch.get("mask"))
   return total_loss(nll, aux), (nll, aux, nnx.state(model, nnx.Not(nnx.Param)))

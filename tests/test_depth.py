@@ -39,6 +39,41 @@ def test_spearman_and_per_difficulty():
   assert got == {1: 1.0, 2: 4.0}
 
 
+def test_data_depth_oracle_and_its_control_by_hand():
+  diff = np.array([[1, 2, 3, 4, 5, 0], [2, 2, 1, 1, 4, 3]])
+  oracle = depth.row_config("hops", "mor_tc_oracle").model
+  shifted = depth.row_config("hops", "mor_tc_shifted").model
+  np.testing.assert_array_equal(routers.data_depth(oracle, diff),
+                                [[1, 2, 3, 3, 3, 1], [2, 2, 1, 1, 3, 3]])
+  # half a sequence away (cyclically): position i takes position i - 3's difficulty
+  np.testing.assert_array_equal(routers.data_depth(shifted, diff),
+                                [[3, 3, 1, 1, 2, 3], [1, 3, 3, 2, 2, 1]])
+  with pytest.raises(C.ConfigError, match="depth_from"):
+    C.validate(C.replace(depth.row_config("hops", "mor_tc_oracle"), data={"corpus": "default"}))
+  with pytest.raises(C.ConfigError, match="depth_from"):
+    depth.row_config("hops", "mor_ec", model={"router": {"depth_from": "difficulty"}})
+  with pytest.raises(C.ConfigError, match="depth_from"):
+    depth.row_config("hops", "mor_tc", model={"router": {"depth_from": "oracle"}})
+
+
+def test_training_forward_takes_the_batch_difficulty_as_depth():
+  """train._forward on an oracle row: realised depths are the batch's difficulties."""
+  from flax import nnx
+  from mor import train
+  from mor.models import build_model
+  cfg = depth.row_config("hops", "mor_tc_oracle", **TINY)
+  graphdef, params, rest = nnx.split(build_model(cfg.model, nnx.Rngs(0)), nnx.Param, ...)
+  tok = np.arange(2 * 16).reshape(2, 16) % 40
+  # top-k (training) has static slots, 16/16/11 here (capacity factor 2): depth 3 overflows
+  for k, causal, topk in ((1, [1, 0, 0], [1, 0, 0]), (2, [1, 1, 0], [1, 1, 0]),
+                          (4, [1, 1, 1], [1, 1, 11 / 16])):
+    batch = {"inputs": tok, "targets": tok, "mask": np.ones_like(tok),
+             "difficulty": np.full_like(tok, k)}
+    for routing, want in (("causal", causal), ("topk", topk)):
+      _, (_, aux, _) = train._forward(graphdef, params, rest, batch, 0, routing)
+      np.testing.assert_allclose(aux["stats"]["tokens_per_depth"], want, err_msg=routing)
+
+
 def test_agreement_by_hand():
   """Tokens (causal, top-k): (1, 1) (2, 1) (3, 3) (2, 3) (1, 2), and one unscored (3, 1)."""
   batches = [{"mask": np.array([[1, 1, 1, 1, 1, 0]])}]
@@ -81,7 +116,7 @@ TINY = dict(model={"d_model": 32, "num_heads": 2, "num_kv_heads": 2, "ffn_dim": 
 @pytest.fixture(scope="module")
 def tiny_table(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("depth"))
-  runs = depth.depth_sweep("hops", ("recursive", "mor_ec"), seeds=1, **TINY)
+  runs = depth.depth_sweep("hops", ("recursive", "mor_ec", "mor_tc_oracle"), seeds=1, **TINY)
   sweep.train_all(runs, root, log=lambda *a: None)
   rows = depth.evaluate_all(runs, root, num_batches=1, exit_thresholds=[0.05], log=lambda *a: 0)
   return runs, root, rows
@@ -128,6 +163,12 @@ def test_evaluation_matches_an_independent_forward(tiny_table):
   c, t = (np.asarray(model.routing_decisions(x, routing=m))[sel] for m in ("causal", "topk"))
   assert 0 < np.mean(c == t) < 1       # the two routings differ here, so the check has teeth
   assert by["mor_ec"]["routing"]["agreement"]["all"] == pytest.approx(np.mean(c == t))
+  # the oracle row trained and is scored with each token's difficulty as its depth
+  oracle = by["mor_tc_oracle"]["routing"]
+  assert oracle["causal"]["mean_depth"] == {"1": 1.0, "2": 2.0, "3": 3.0, "4": 3.0}
+  topk = oracle["topk"]["mean_depth"]   # static slots (11 at depth 3 here) may drop a few
+  assert (topk["1"], topk["2"]) == (1.0, 2.0) and 2.5 < topk["3"] <= 3 and 2.5 < topk["4"] <= 3
+  assert "test_time" not in by["mor_tc_oracle"] and "kl_exit" not in by["mor_tc_oracle"]
   assert "skip" in by["recursive"] and "routing" not in by["recursive"]
   assert by["recursive"]["kl_exit_cached"]["depths_equal"]
   # cached on disk; a second call reads it back instead of evaluating again

@@ -58,12 +58,14 @@ def _dense_unit(model, x_BxSxD, pos_BxS, shared=None):
   return x_BxSxD, kvs
 
 
-def _dense_reference(model, tokens_BxS, depth_BxS):
+def _dense_reference(model, tokens_BxS, depth_BxS, given: bool = False):
   """Same routing decisions (depth per token), computed densely with masks.
 
   Step r runs the unit over all tokens; inactive tokens get position -1 so that
   no active token attends to them ('cache'), or every query attends over
   recursion 1's full-sequence keys ('share'); only active tokens keep updates.
+  given (token-choice): the depths were given, so the gate is alpha times the
+  router's score of the given depth, not of its own choice.
   """
   cfg = model.cfg
   pos_BxS = default_positions(tokens_BxS)
@@ -87,7 +89,11 @@ def _dense_reference(model, tokens_BxS, depth_BxS):
     else:
       x = jnp.where(active_BxS[..., None], out, x)
   if cfg.router.routing == "token_choice":
-    x = h1 + tc.gate_BxS[..., None] * x
+    gate_BxS = tc.gate_BxS
+    if given:
+      gate_BxS = cfg.router.alpha * jnp.take_along_axis(tc.scores_BxSxN, depth_BxS[..., None] - 1,
+                                                        -1)[..., 0]
+    x = h1 + gate_BxS[..., None] * x
   for b in model.plan.suffix:
     x = model.blocks[b](x, pos_BxS)[0]
   return model.logits(x)
@@ -118,6 +124,29 @@ def test_gathered_equals_dense_masked_reference(router, kv):
     assert float(aux["stats"]["dropped_tokens"]) > 0      # overflow is exercised too
   assert_scale(want, what="logits")
   np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_token_choice_with_given_depths_equals_dense_reference():
+  """router.depth_from: given depths replace the router's; the gate is its score of that depth.
+
+  Catches: the given depths ignored (the router's own differ here), the gate of the
+  router's own choice instead of the given depth's.
+  """
+  model = build_model(_cfg(model=SENSITIVE, **TC, capacity_factor=2.0), 0)   # no overflow
+  given_BxS = jax.random.randint(jax.random.key(3), (2, 16), 1, 4)
+
+  def both(m, tokens_BxS):
+    logits, depth_BxS, _ = m._forward(tokens_BxS, None, "topk", None, None, given_BxS)
+    own_BxS = m.routing_decisions(tokens_BxS, routing="causal")
+    return logits, depth_BxS, own_BxS, _dense_reference(m, tokens_BxS, given_BxS, given=True)
+
+  logits, depth_BxS, own_BxS, want = _jit(both, model)(_tokens())
+  np.testing.assert_array_equal(depth_BxS, given_BxS)
+  assert np.mean(np.asarray(own_BxS) != np.asarray(given_BxS)) > 0.3
+  assert_scale(want, what="logits")
+  np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="token-choice"):
+    build_model(_cfg(**EC), 0)._forward(_tokens(), None, "topk", None, None, given_BxS)
 
 
 def test_expert_choice_capacity_exact_nested_sorted(monkeypatch):

@@ -100,19 +100,24 @@ class MoRTransformer(Transformer):
 
   def __call__(self, tokens_BxS: jax.Array, pos_BxS: jax.Array | None = None,
                caches: MoRCaches | None = None, *, routing: str = "topk", step=None,
-               max_depth: int | None = None, head: bool = True):
+               max_depth: int | None = None, head: bool = True, depth_BxS=None):
     """Returns (logits_BxSxV, caches or None, aux); routing is 'topk' (training) or 'causal'.
 
     head=False: final-normed hidden states instead of logits (see Transformer).
+    depth_BxS (token-choice): each token's depth in 1..N_r, overriding the router's
+    choice (router.depth_from: depth tasks' oracle, mor.routers.data_depth).
 
     With `caches` (from `init_caches`) this is prefill or decoding, always with
     the causal decisions (mor.models.mor_decode). max_depth (causal routing only)
     allows more or fewer recursions than trained: test-time depth scaling.
     """
     if caches is not None:
+      if self.cfg.router.depth_from != "router":
+        raise ValueError("router.depth_from={!r} takes depths from the data: no decoding".format(
+            self.cfg.router.depth_from))
       pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
       return mor_decode.cached_forward(self, tokens_BxS, pos_BxS, caches)
-    x, _, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth)
+    x, _, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth, depth_BxS)
     return self._out(x, head), None, aux
 
   def init_caches(self, batch: int, max_len: int, slots=None) -> MoRCaches:
@@ -134,21 +139,29 @@ class MoRTransformer(Transformer):
       self.router.post_update(stats["assigned_per_depth"])
 
   # -------------------------------------------------------------------------
-  def _forward(self, tokens_BxS, pos_BxS, routing, step, max_depth=None):
-    x, depth_BxS, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth)
+  def _forward(self, tokens_BxS, pos_BxS, routing, step, max_depth=None, forced_BxS=None):
+    x, depth_BxS, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth, forced_BxS)
     return self.logits(x), depth_BxS, aux
 
-  def _trunk(self, tokens_BxS, pos_BxS, routing, step, max_depth=None):
+  def _trunk(self, tokens_BxS, pos_BxS, routing, step, max_depth=None, forced_BxS=None):
     """Embedding, prefix, recursions, suffix: (x_BxSxD before the final norm, depth, aux)."""
     if routing not in ("topk", "causal"):
       raise ValueError(f"routing={routing!r}; choose topk or causal")
     if max_depth is not None and routing != "causal":
       raise ValueError("max_depth (test-time depth scaling) needs routing='causal'")
+    if forced_BxS is not None and (self.expert_choice or max_depth is not None):
+      raise ValueError("depth_BxS (given depths) needs token-choice routing and no max_depth")
     pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
     x = self.embed_tokens(tokens_BxS)
     for b in self.plan.prefix:
       x = self.apply_block(b, x, pos_BxS)[0]
-    x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step, max_depth)
+    if forced_BxS is not None:   # token-choice with given depths (slots as _recursions)
+      s = x.shape[1]
+      slots = (s,) * self.cfg.num_recursions if routing == "causal" else tuple(
+          R.capacities(self.cfg, s))
+      x, depth_BxS, aux = self._token_choice(x, pos_BxS, slots, routing, forced_BxS=forced_BxS)
+    else:
+      x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step, max_depth)
     for b in self.plan.suffix:
       x = self.apply_block(b, x, pos_BxS)[0]
     return x, depth_BxS, aux
@@ -254,12 +267,16 @@ class MoRTransformer(Transformer):
     stats["sampling_accuracy"] = correct / jnp.maximum(cands, 1.0)
     return h_BxSxD, depth_BxS, {"losses": losses, "stats": stats}
 
-  def _token_choice(self, h1_BxSxD, pos_BxS, slots, mode, step=None):
+  def _token_choice(self, h1_BxSxD, pos_BxS, slots, mode, step=None, forced_BxS=None):
     del step
     b, s, _ = h1_BxSxD.shape
     n = self.cfg.num_recursions
     tc = self.router(h1_BxSxD)
     assigned_BxS, gate_BxS = tc.depth_BxS, tc.gate_BxS
+    if forced_BxS is not None:   # given depths; the gate is the router's score of that depth
+      assigned_BxS = jnp.clip(forced_BxS, 1, n).astype(jnp.int32)
+      gate_BxS = self.cfg.router.alpha * jnp.take_along_axis(
+          tc.scores_BxSxN, assigned_BxS[..., None] - 1, -1)[..., 0]
     if mode == "warmup":  # forced full depth; the gate follows the depth actually used
       assigned_BxS = jnp.full_like(assigned_BxS, n)
       gate_BxS = self.cfg.router.alpha * tc.scores_BxSxN[..., n - 1]

@@ -110,7 +110,9 @@ def restore_latest(mngr: ocp.CheckpointManager, state_shape: Any, shardings: Any
     raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}); move it "
                           "away to start over") from e
   saved_model = _with_defaults(meta.get("config", {}).get("model") or {})
-  model = json.loads(dumps(cfg_dict["model"]))   # as JSON stores it (tuples become lists)
+  # as JSON stores it (tuples become lists); a caller's dict read from an older run gets the
+  # newer fields' defaults too, as the saved one does
+  model = _with_defaults(json.loads(dumps(cfg_dict["model"])))
   if saved_model != model:
     diff = sorted(k for k in model if (saved_model or {}).get(k) != model[k])
     raise CheckpointError(f"checkpoint {where} was written for another model (fields differ: "

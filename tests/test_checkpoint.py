@@ -79,6 +79,14 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
   other = config.replace(cfg, model={"d_model": 128})
   with pytest.raises(checkpoint.CheckpointError, match="written for another model.*model.d_model"):
     train.run(other, str(tmp_path), ArrayData(other))
+  # a config dict from before a field existed (as a notebook reads an older run's) still loads
+  s = train.setup(cfg)
+  older = config.to_dict(cfg)
+  del older["model"]["router"]["depth_from"]
+  state, _ = checkpoint.restore_latest(checkpoint.manager(str(tmp_path)),
+                                       jax.eval_shape(s.init, jax.random.key(0)),
+                                       s.state_shardings, older)
+  assert int(state["step"]) == 2
   state_dir = tmp_path / "checkpoints" / "2" / "state"
   for root, _, files in os.walk(state_dir):
     for f in files:

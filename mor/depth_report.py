@@ -113,6 +113,18 @@ def claims(rows: Sequence[dict]) -> list[str]:
                f"{np.mean(err):.1f}% vs recursive {np.mean(rec_err):.1f}% ({o}) at "
                f"{np.mean(fl) / np.mean(rec_fl):.2f}x its inference FLOPs per token: "
                f"{'fewer FLOPs at equal or better error' if cheaper and equal_or_better else 'not fewer FLOPs at equal error'}.")
+  if {"mor_tc_oracle", "mor_tc_shifted"} <= set(by):
+    o, c = (vals(n, "err_train") for n in ("mor_tc_oracle", "mor_tc_shifted"))
+    oh, ch = (vals(n, "err_hard") for n in ("mor_tc_oracle", "mor_tc_shifted"))
+    order = report.order_by_spread("mor_tc_oracle", o, "mor_tc_shifted", c)
+    fl = [np.mean(vals(n, "inference_flops_per_token")) for n in ("mor_tc_oracle",
+                                                                  "mor_tc_shifted")]
+    out.append(f"(iv) routing by the true difficulty against the same depths given at random: "
+               f"error {np.mean(o):.1f}% vs {np.mean(c):.1f}% ({order}), at difficulty >= "
+               f"{HARD} {np.mean(oh):.1f}% vs {np.mean(ch):.1f}%, inference FLOPs per token "
+               f"{fl[0] / 1e6:.2f}M vs {fl[1] / 1e6:.2f}M: routing by difficulty "
+               f"{'pays' if order == 'mor_tc_oracle < mor_tc_shifted' else 'does not pay beyond the seed spread'}"
+               " here.")
   out += _test_time_claim(rows)
   return out
 

@@ -192,6 +192,13 @@ def test_report_writes_tables_plots_and_claims(tiny_table, tmp_path):
   line = next(l for l in section.splitlines() if l.startswith("| MoR expert-choice N_r=3 | "))
   mor = next(r for r in rows if r["row"] == "mor_ec")
   assert f"{100 * mor['routing']['agreement']['all']:.1f} ± 0.0" in line
+  # (iv): the oracle against its control, here a copy of the oracle 10 points worse
+  oracle = next(r for r in rows if r["row"] == "mor_tc_oracle")
+  worse = dict(oracle, row="mor_tc_shifted", name="mor_tc_shifted@s0",
+               error={k: v + 0.1 for k, v in oracle["error"].items()})
+  iv = next(c for c in depth_report.claims(rows + [worse]) if c.startswith("(iv)"))
+  assert "(mor_tc_oracle < mor_tc_shifted)" in iv and "routing by difficulty pays" in iv
+  assert not any(c.startswith("(iv)") for c in depth_report.claims(rows))
   per_seed = open(tmp_path / "hops_cpu_runs.csv").read().splitlines()
   assert len(per_seed) == 1 + len(rows)
   err = depth_report.run_summary(next(r for r in rows if r["row"] == "recursive"))["err_train"]

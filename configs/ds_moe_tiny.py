@@ -1,6 +1,7 @@
 """CPU-sized DS-MoE: dense training over 8 experts with the mutual-information loss,
 sparse inference by a threshold on E * p(e|x) (0.48)."""
-from mor.config import MoEConfig, as_config_dict, tiny_config
+from mor.config import MoEConfig, as_config_dict
+from mor.presets import tiny_config
 
 
 def get_config():

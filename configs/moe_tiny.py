@@ -3,7 +3,8 @@
 Active expert FFN per token = 2 x ffn/2 = the dense FFN, so training FLOPs per
 token match vanilla_tiny (plus the small router).
 """
-from mor.config import MoEConfig, as_config_dict, tiny_config
+from mor.config import MoEConfig, as_config_dict
+from mor.presets import tiny_config
 
 
 def get_config():

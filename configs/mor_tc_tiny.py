@@ -1,5 +1,6 @@
 """CPU-sized MoR, token-choice routing (softmax, balancing loss 0.1), N_r = 3."""
-from mor.config import RouterConfig, as_config_dict, tiny_config
+from mor.config import RouterConfig, as_config_dict
+from mor.presets import tiny_config
 
 
 def get_config():

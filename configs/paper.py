@@ -11,7 +11,8 @@ paper's convention, 2048 context,
 batch 1024 x 2048, warmup-stable-decay). Middle-cycle sharing throughout; N_r = 4
 uses 34 layers at paper scale (1 + 8 x 4 + 1) and 10 at CPU scale, as the paper does.
 """
-from mor.config import VARIANTS, as_config_dict, variant_config
+from mor.config import as_config_dict
+from mor.presets import VARIANTS, variant_config
 
 
 def get_config(arg: str = "mor_ec3,cpu"):

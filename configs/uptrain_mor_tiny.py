@@ -14,7 +14,8 @@ start-up. --config.uptrain.strategy=average|lower|upper|random for the others.
 """
 import dataclasses
 
-from mor.config import RouterConfig, UptrainConfig, as_config_dict, tiny_config
+from mor.config import RouterConfig, UptrainConfig, as_config_dict
+from mor.presets import tiny_config
 
 
 def get_config():

@@ -19,7 +19,8 @@ import json
 
 import jax
 
-from mor.config import MoEConfig, tiny_model
+from mor.config import MoEConfig
+from mor.presets import tiny_model
 from mor.models import build_model
 from mor.bench import bench_offload
 from mor.offload import VARIANTS

@@ -12,7 +12,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from mor import config, memory
+from mor import config, memory, presets
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py:mor_ec3,360m",
                                           "Python config file with get_config().")
@@ -22,7 +22,7 @@ _DEVICES = flags.DEFINE_integer("devices", 8, "Accelerators the mesh spans.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the step time.")
 _USABLE = flags.DEFINE_float("usable", 0.9, "Share of device memory the program may use.")
 _SIZES = flags.DEFINE_list("sizes", [], "Paper sizes to plan --variant at (overrides --config).")
-_VARIANT = flags.DEFINE_string("variant", "mor_ec3", "mor.config.VARIANTS name for --sizes.")
+_VARIANT = flags.DEFINE_string("variant", "mor_ec3", "mor.presets.VARIANTS name for --sizes.")
 
 
 def main(argv):
@@ -30,7 +30,7 @@ def main(argv):
   try:
     memory.accelerator(_ACCEL.value)   # bad names fail before any model is built
     if _SIZES.value:
-      cfgs = [config.variant_config(_VARIANT.value, s) for s in _SIZES.value]
+      cfgs = [presets.variant_config(_VARIANT.value, s) for s in _SIZES.value]
       cfgs = [config.replace(c, mesh=_CONFIG.value.mesh.to_dict()) for c in cfgs]
     else:
       cfgs = [config.from_dict(_CONFIG.value)]

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from mor import config, distributed, sweep
+from mor import config, distributed, presets, sweep
 
 _VARIANTS = flags.DEFINE_list("variants", ["vanilla", "mor_ec3"],
-                              f"Any of {', '.join(config.VARIANTS)}, moe.")
+                              f"Any of {', '.join(presets.VARIANTS)}, moe.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "135m", "360m", "730m", "1.7b"], "Size.")
 _BUDGET = flags.DEFINE_float("budget", 0.0, "FLOPs per run (paper convention: forward); 0 = the "
                              "scale's default.")

@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from mor import flops, metrics, sharding, train
+from mor import flops, metrics, presets, sharding, train
 from mor.config import Config, ModelConfig, RouterConfig
 
 
@@ -67,10 +67,10 @@ def _median(xs: list[float]) -> float:
 def train_bench_config(name: str, *, vocab: int = 4096, num_heads: int = 4,
                        num_kv_heads: int = 2, ffn_dim: int = 0, remat: bool = False,
                        attention: str = "", **shape) -> Config:
-  """config.bench_config(name, **shape) with the vocabulary, heads, FFN width and attention set."""
+  """presets.bench_config(name, **shape) with the vocabulary, heads, FFN width and attention set."""
   import dataclasses
   from mor import config as config_lib
-  cfg = config_lib.bench_config(name, **shape)
+  cfg = presets.bench_config(name, **shape)
   over = dict(vocab_size=vocab, num_heads=num_heads, num_kv_heads=num_kv_heads, remat=remat)
   if ffn_dim:
     over["ffn_dim"] = ffn_dim
@@ -224,7 +224,7 @@ def trained_mor(checkpoint: str = "", train_steps: int = 60, d_model: int = 192,
       raise ValueError(f"--checkpoint {checkpoint}: model.kind={cfg.model.kind!r}; "
                        "router-decided rows need a MoR run")
     return model, cfg, f"checkpoint {checkpoint} step {step}", analysis.load_tokenizer(cfg)
-  cfg = config.tiny_config("mor", num_layers=8, num_recursions=3, d_model=d_model,
+  cfg = presets.tiny_config("mor", num_layers=8, num_recursions=3, d_model=d_model,
                            num_heads=max(1, d_model // 32), num_kv_heads=max(1, d_model // 96),
                            ffn_dim=3 * d_model)
   d = config.to_dict(cfg)

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import jax
 
-from mor import config as config_lib, train
+from mor import config as config_lib, presets, train
 from mor.config import Config
 from mor.report import DEFAULT_TASKS  # re-exported; report must never import sweep
 
@@ -249,9 +249,10 @@ PAPER_BUDGET = 16.5e18
 
 def moe_config(scale: str = "cpu", flop_budget: float = PAPER_BUDGET) -> Config:
   """Top-2 of 4 half-width experts in every other layer: vanilla's FLOPs per token."""
-  from mor.config import MoEConfig, paper_config
+  from mor.config import MoEConfig
+  from mor.presets import paper_config
   if scale == "cpu":
-    cfg = config_lib.replace(config_lib.variant_config("vanilla", "cpu"), model={"kind": "moe"})
+    cfg = config_lib.replace(presets.variant_config("vanilla", "cpu"), model={"kind": "moe"})
   else:
     cfg = paper_config(scale, kind="moe", flop_budget=flop_budget)
   moe = MoEConfig(num_experts=4, router="top2", top_k=2, every=2,
@@ -279,11 +280,11 @@ def parse_variant(spec: str, scale: str, flop_budget: float) -> tuple[str, Confi
   name, *sets = spec.split(":")
   if name == "moe":
     cfg = moe_config(scale, flop_budget)
-  elif name in config_lib.VARIANTS:
-    cfg = config_lib.variant_config(name, scale, flop_budget)
+  elif name in presets.VARIANTS:
+    cfg = presets.variant_config(name, scale, flop_budget)
   else:
     raise config_lib.ConfigError(f"variant {name!r} is not allowed; choose one of "
-                                 f"{', '.join(config_lib.VARIANTS)}, moe")
+                                 f"{', '.join(presets.VARIANTS)}, moe")
   for item in sets:
     path, eq, value = item.partition("=")
     section, _, field = path.partition(".")
@@ -315,7 +316,7 @@ def _parse_value(text: str):
 
 def variant_sweep(names: Sequence[str], scale: str = "cpu", flop_budget: float | None = None,
                   seeds: int = 1) -> list[Run]:
-  """Runs for names in config.VARIANTS or 'moe' (with :field=value overrides), one budget."""
+  """Runs for names in presets.VARIANTS or 'moe' (with :field=value overrides), one budget."""
   budget = flop_budget or (CPU_BUDGET if scale == "cpu" else PAPER_BUDGET)
   return make_sweep([parse_variant(v, scale, budget) for v in names], budget, seeds,
                     checkpoints=4 if scale == "cpu" else 0)

@@ -7,7 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from mor import config
+from mor import config, presets
 from mor.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_config_files_build_a_model(path):
     ("model", "dtype", "float16", "model.dtype='float16' is not allowed"),
 ])
 def test_bad_values_raise_one_line_errors(section, field, value, match):
-  base = config.to_dict(config.tiny_config())
+  base = config.to_dict(presets.tiny_config())
   base[section][field] = value
   with pytest.raises(config.ConfigError, match=match) as e:
     config.from_dict(base)
@@ -55,19 +55,19 @@ def test_unknown_section_and_type_errors():
 
 
 def test_paper_presets_have_the_papers_shapes():
-  m = config.paper_model("360m")
+  m = presets.paper_model("360m")
   assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.ffn_dim) == (32, 960, 15, 5,
                                                                               2560)
   with pytest.raises(config.ConfigError, match="size='2b'"):
-    config.paper_model("2b")
+    presets.paper_model("2b")
 
 
 @pytest.mark.parametrize("variant,paper_unique", [("vanilla", 315e6), ("recursive2", 167e6),
                                                   ("mor_ec3", 118e6), ("recursive4", 98e6)])
 def test_paper_variants_have_the_papers_unique_parameters(variant, paper_unique):
   from mor.models import count_params
-  cfg = config.variant_config(variant, "360m")
+  cfg = presets.variant_config(variant, "360m")
   model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
   assert count_params(model)["unique_non_embedding"] == pytest.approx(paper_unique, rel=0.03)
-  small = config.variant_config(variant, "cpu")
+  small = presets.variant_config(variant, "cpu")
   assert nnx.eval_shape(lambda: build_model(small.model, nnx.Rngs(0))) is not None

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mor import config as C, depth, depth_report, flops, report, routers, sweep
+from mor import config as C, depth, depth_report, flops, presets, report, routers, sweep
 
 
 def test_routed_flops_equal_static_counts_and_a_hand_count():
@@ -15,7 +15,7 @@ def test_routed_flops_equal_static_counts_and_a_hand_count():
     caps = list(routers.capacities(m, 64)) if m.kind == "mor" else [64] * m.num_recursions
     assert flops.routed_forward_flops_per_token(m, 64, caps) == pytest.approx(
         flops.forward_flops_per_token(m, 64), rel=1e-12)
-  share = C.variant_config("mor_ec3_share").model
+  share = presets.variant_config("mor_ec3_share").model
   assert flops.routed_forward_flops_per_token(share, 64, list(routers.capacities(share, 64))) == \
       pytest.approx(flops.forward_flops_per_token(share, 64), rel=1e-12)
   # by hand: recursive, cycle 2 x 3, S = 8, recursion 1 on all 8 tokens, recursion 2 on 4 only

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mor import config
+from mor import config, presets
 from mor.evals import harness, nll, tasks
 from mor.evals.harness import Request
 from mor.evals.tasks import Item
@@ -315,7 +315,7 @@ class StubData:
 def test_evaluate_run_restores_the_newest_checkpoint(tmp_path):
   from experiments import evaluate
   from mor import checkpoint, train
-  cfg = config.replace(config.tiny_config("vanilla"), data={"seq_len": 32, "batch_size": 8},
+  cfg = config.replace(presets.tiny_config("vanilla"), data={"seq_len": 32, "batch_size": 8},
                        model={"vocab_size": 260, "num_layers": 2, "d_model": 32,
                               "num_heads": 2, "num_kv_heads": 1, "ffn_dim": 64,
                               "max_seq_len": MAX_LEN})

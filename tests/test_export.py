@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from jax import export
 
-from mor import config, decode, sharding, train
+from mor import config, decode, presets, sharding, train
 from mor.layers.basic import CPU_LOOP_SCOPE
 from mor.models import build_model
 from mor.serving import Engine
@@ -48,7 +48,7 @@ def tiny(name: str, mesh: dict | None = None) -> config.Config:
   first layer); the others 2 layers.
   """
   kind, over = KINDS[name]
-  cfg = config.tiny_config(kind, dtype="bfloat16", remat=True,
+  cfg = presets.tiny_config(kind, dtype="bfloat16", remat=True,
                            num_layers=4 if kind in ("recursive", "mor") else 2, d_model=64,
                            num_heads=4, num_kv_heads=2, ffn_dim=128, vocab_size=256,
                            num_recursions=2)

@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mor import config, train
+from mor import config, presets, train
 from mor.layers.attention import KV, attend
 from mor.models import build_model
 
@@ -203,7 +203,7 @@ def test_model_loss_and_gradients_equal_dense_attention_and_plain_loss(kind, rou
 
 def test_bad_attention_is_a_one_line_config_error():
   """model.attention outside the allowed set fails before any compute, naming the field."""
-  cfg = config.tiny_config()
+  cfg = presets.tiny_config()
   bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="flash"))
   with pytest.raises(config.ConfigError, match=r"model\.attention='flash'.*xla, xla_dense"):
     config.validate(bad)

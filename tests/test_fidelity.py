@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mor import config, flops, routers as R, sweep, train
+from mor import config, flops, presets, routers as R, sweep, train
 from mor.evals.nll import heldout_nll, skip_recursions_logits
 from mor.models import build_model
 from mor.models.transformer import default_positions
@@ -22,7 +22,7 @@ PAPER_TOKENS_360M = {"vanilla": 20, "recursive2": 20, "recursive3": 20, "recursi
 # 1. FLOP convention.
 def test_paper_convention_is_two_params_plus_causal_attention_by_hand():
   """Catches a budget that counts training FLOPs (3x) or non-causal attention as "paper"."""
-  m = config.paper_model("360m", kind="vanilla")
+  m = presets.paper_model("360m", kind="vanilla")
   d, h, kv, f, L, V, S = 960, 15, 5, 2560, 32, 49152, 2048
   dh = d // h
   matmul_params = L * (2 * d * h * dh + 2 * d * kv * dh + 3 * d * f)   # Q,O + K,V + SwiGLU
@@ -53,7 +53,7 @@ def test_360m_plan_reproduces_the_papers_token_column():
 
 def test_budget_steps_follow_the_convention():
   """Catches num_steps ignoring train.flop_convention."""
-  cfg = config.variant_config("mor_ec3", "cpu")
+  cfg = presets.variant_config("mor_ec3", "cpu")
   fwd = flops.budget_flops_per_step(cfg.model, cfg.data.seq_len, cfg.data.batch_size, "paper")
   paper = config.replace(cfg, train={"flop_budget": 30.5 * fwd})
   trained = config.replace(paper, train={"flop_convention": "training"})
@@ -65,10 +65,10 @@ def test_budget_steps_follow_the_convention():
 def test_bad_convention_and_combine_are_one_line_errors():
   with pytest.raises(config.ConfigError, match=r"^train.flop_convention='fwd' is not allowed; "
                      r"choose one of paper, training$"):
-    config.replace(config.tiny_config(), train={"flop_convention": "fwd"})
+    config.replace(presets.tiny_config(), train={"flop_convention": "fwd"})
   with pytest.raises(config.ConfigError, match=r"^model.router.combine='full' is not allowed; "
                      r"choose one of reference, residual, straight_through$"):
-    config.replace(config.tiny_config("mor"), model={"router": {"combine": "full"}})
+    config.replace(presets.tiny_config("mor"), model={"router": {"combine": "full"}})
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_skip_needs_a_recursive_model():
 
 def test_control_row_is_the_unshared_layers_of_the_middle_cycle_plan():
   """Catches a control row with the wrong depth or shape."""
-  ctrl, rec = (config.variant_config(v, "cpu") for v in ("vanilla_unshared", "recursive3"))
+  ctrl, rec = (presets.variant_config(v, "cpu") for v in ("vanilla_unshared", "recursive3"))
   plan = build_model(rec.model, 0).plan
   assert ctrl.model.kind == "vanilla" and ctrl.model.num_layers == 2
   assert len(plan.prefix) + len(plan.suffix) == 2

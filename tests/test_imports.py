@@ -102,11 +102,11 @@ def test_mor_has_no_import_cycles():
 # imports one (mor/offload.py once imported mor.bench for its timing loop). Modules in
 # neither list (new reports and drivers) may import both.
 DRIVERS = ("mor.bench", "mor.sweep", "mor.depth", "mor.evals.run")
-LIBRARY = ("mor.config", "mor.layers", "mor.models", "mor.routers", "mor.kv_cache", "mor.decode",
-           "mor.serving", "mor.offload", "mor.exits", "mor.interop", "mor.uptrain", "mor.flops",
-           "mor.data", "mor.evals.nll", "mor.evals.tasks", "mor.evals.harness", "mor.sharding",
-           "mor.checkpoint", "mor.metrics", "mor.profiling", "mor.distributed", "mor.train",
-           "mor.analysis", "mor.report", "mor.plots")
+LIBRARY = ("mor.config", "mor.presets", "mor.layers", "mor.models", "mor.routers",
+           "mor.kv_cache", "mor.decode", "mor.serving", "mor.offload", "mor.exits", "mor.interop",
+           "mor.uptrain", "mor.flops", "mor.data", "mor.evals.nll", "mor.evals.tasks",
+           "mor.evals.harness", "mor.sharding", "mor.checkpoint", "mor.metrics", "mor.profiling",
+           "mor.distributed", "mor.train", "mor.analysis", "mor.report", "mor.plots")
 
 
 def layering_violations(graph: dict[str, set[str]]) -> list[str]:

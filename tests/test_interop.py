@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mor import analysis, config, interop
+from mor import analysis, config, interop, presets
 from mor.interop import merge_lora
 from mor.models import build_model
 
@@ -228,7 +228,7 @@ def test_safetensors_files_match_the_reference_library(tmp_path):
 
 def test_export_checkpoint_of_a_training_run(tmp_path):
   from mor import checkpoint, train
-  base = config.to_dict(config.tiny_config("recursive"))
+  base = config.to_dict(presets.tiny_config("recursive"))
   base["model"].update(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, ffn_dim=48,
                        num_layers=5, max_seq_len=32)
   base["data"].update(seq_len=32, batch_size=8)

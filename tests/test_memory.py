@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from mor import config, memory, sharding, train
+from mor import config, memory, presets, sharding, train
 from mor.models import build_model
 
 TOLERANCE = 0.15
 
 
 def _cfg(kind: str, remat: bool, batch: int, seq: int, d: int, layers: int, vocab: int):
-  cfg = config.tiny_config(kind, remat=remat, num_layers=layers, d_model=d, num_heads=4,
+  cfg = presets.tiny_config(kind, remat=remat, num_layers=layers, d_model=d, num_heads=4,
                            num_kv_heads=2, ffn_dim=3 * d, vocab_size=vocab, num_recursions=2)
   return config.replace(cfg, model={"max_seq_len": seq},
                         data={"seq_len": seq, "batch_size": batch}, mesh={"data": 1})
@@ -64,13 +64,13 @@ def test_kv_cache_bytes_match_real_caches(kind):
 def test_plan_answers_for_paper_sizes_and_remat_helps():
   rows = {}
   for size in ("135m", "1.7b"):
-    cfg = config.variant_config("vanilla", size)
+    cfg = presets.variant_config("vanilla", size)
     rows[size] = memory.plan(cfg, "h100", 8)
     assert rows[size]["step_time_s"] > 0 and rows[size]["largest_batch"] % 8 == 0
     no_remat = memory.estimate(cfg, 8, remat=False)["activations"]
     assert memory.estimate(cfg, 8)["activations"] < no_remat / 4
   assert rows["135m"]["largest_batch"] > rows["1.7b"]["largest_batch"]
-  small = memory.plan(config.variant_config("vanilla", "1.7b"), "tpu_v5e", 8)
+  small = memory.plan(presets.variant_config("vanilla", "1.7b"), "tpu_v5e", 8)
   assert not small["fits"]
 
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mor import config, metrics, train
+from mor import config, metrics, presets, train
 from test_train import ArrayData
 
 
 def tiny_mor_cfg(**train_kw):
-  base = config.to_dict(config.tiny_config("mor"))
+  base = config.to_dict(presets.tiny_config("mor"))
   base["model"].update(vocab_size=256, d_model=32, num_heads=2, num_kv_heads=1, ffn_dim=64,
                        num_layers=4, num_recursions=2, max_seq_len=16)
   base["data"].update(seq_len=16, batch_size=8)

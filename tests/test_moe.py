@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mor.config import MoEConfig, tiny_model
+from mor.config import MoEConfig
+from mor.presets import tiny_model
 from mor.layers import moe
 from mor.models import build_model
 from mor.models.moe import moe_param_counts, set_mode

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from mor import config, train
+from mor import config, presets, train
 from test_train import ArrayData
 from xla_flags import FAST_XLA_FLAGS
 
@@ -21,7 +21,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
 def tiny_mor_cfg():
-  base = config.to_dict(config.tiny_config("mor"))
+  base = config.to_dict(presets.tiny_config("mor"))
   base["model"].update(vocab_size=256, d_model=32, num_heads=2, num_kv_heads=1, ffn_dim=64,
                        num_layers=4, num_recursions=2, max_seq_len=16)
   base["data"].update(seq_len=16, batch_size=8)   # 8 test devices

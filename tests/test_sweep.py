@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from mor import config, flops, plots, report, sweep, train
+from mor import config, flops, plots, presets, report, sweep, train
 from test_train import ArrayData
 
 
 def tiny(kind, **model):
-  base = config.to_dict(config.tiny_config(kind))
+  base = config.to_dict(presets.tiny_config(kind))
   # small enough that compiling dominates; 4 layers = 1 + 2 x (1 shared) + 1 with N_r = 2
   base["model"].update(vocab_size=256, d_model=32, num_heads=2, num_kv_heads=1, ffn_dim=64,
                        num_layers=4, num_recursions=2, max_seq_len=16, **model)

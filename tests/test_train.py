@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from mor import checkpoint, config, metrics, train
+from mor import checkpoint, config, metrics, presets, train
 from mor.data import make_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_cfg(**train_kw):
-  base = config.to_dict(config.tiny_config("recursive"))
+  base = config.to_dict(presets.tiny_config("recursive"))
   base["model"].update(vocab_size=256, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=128,
                        num_layers=5, max_seq_len=32)
   base["data"].update(seq_len=32, batch_size=8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mor import config, interop, sharding, train, uptrain
+from mor import config, interop, presets, sharding, train, uptrain
 from mor.layers import lora
 from mor.models import build_model, count_params
 from test_interop import filled, logits, tokens
@@ -155,7 +155,7 @@ def test_mor_zero_b_adapters_change_nothing():
 
 
 def test_uptrain_into_mor_expert_choice_and_loss_falls(tmp_path, capsys):
-  base = config.to_dict(config.tiny_config("mor"))
+  base = config.to_dict(presets.tiny_config("mor"))
   base["model"].update(vocab_size=256, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=128,
                        num_layers=5, max_seq_len=32, sharing="middle_cycle", num_recursions=3)
   base["data"].update(seq_len=32, batch_size=8)
@@ -177,4 +177,4 @@ def test_uptrain_into_mor_expert_choice_and_loss_falls(tmp_path, capsys):
     state, m = s.train_step(state, train.to_global(s, next(data)))
     losses.append(float(m["loss"]))
   assert losses[-1] < losses[0] - 0.5, losses
-  assert uptrain.maybe_init_from_source(config.tiny_config("mor"), state, s) is state
+  assert uptrain.maybe_init_from_source(presets.tiny_config("mor"), state, s) is state

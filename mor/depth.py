@@ -153,11 +153,20 @@ def _all_modes(graphdef, state, inputs_BxS, targets_BxS, difficulty_BxS, max_dep
   return out
 
 
+def _flat(arrays) -> np.ndarray:
+  """Per-batch arrays ([B, S] each) as one flat array, batch after batch."""
+  return np.concatenate([np.ravel(x) for x in arrays])
+
+
+def _scored(batches) -> np.ndarray:
+  """The flat mask of scored positions of batches."""
+  return _flat([b["mask"] for b in batches]).astype(bool)
+
+
 def per_difficulty(values_BxS: Sequence[np.ndarray], batches: Sequence[dict]) -> dict[int, float]:
   """Mean of a [B, S] quantity per difficulty over the scored positions of batches."""
-  v = np.concatenate([np.ravel(x) for x in values_BxS]).astype(np.float64)
-  d = np.concatenate([np.ravel(b["difficulty"]) for b in batches])
-  m = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
+  v = _flat(values_BxS).astype(np.float64)
+  d, m = _flat([b["difficulty"] for b in batches]), _scored(batches)
   return {int(k): float(v[m & (d == k)].mean()) for k in np.unique(d[m])}
 
 
@@ -236,9 +245,7 @@ def evaluate_depth_run(run: sweep.Run, wd: str, data, num_batches: int = 16,
 
 
 def _routing_stats(m: ModelConfig, depth: list, batches) -> dict:
-  d = np.concatenate([np.ravel(b["difficulty"]) for b in batches])
-  mask = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
-  dep = np.concatenate([np.ravel(x) for x in depth])
+  d, mask, dep = _flat([b["difficulty"] for b in batches]), _scored(batches), _flat(depth)
   return {"mean_depth": per_difficulty(depth, batches), "spearman": spearman(dep[mask], d[mask]),
           "flops_per_token": routed_flops_per_token(m, np.concatenate(depth))}
 
@@ -250,9 +257,8 @@ def _agreement(causal: list, topk: list, batches) -> dict:
   recursion r - 1 under both routings, the fraction whose go-deeper decision at r
   agrees (the paper's sampling accuracy, per step).
   """
-  mask = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
-  c = np.concatenate([np.ravel(x) for x in causal])[mask]
-  t = np.concatenate([np.ravel(x) for x in topk])[mask]
+  mask = _scored(batches)
+  c, t = _flat(causal)[mask], _flat(topk)[mask]
   out = {"all": float(np.mean(c == t))}
   for r in range(2, int(max(c.max(), t.max(), 1)) + 1):
     both = (c >= r - 1) & (t >= r - 1)
@@ -269,9 +275,7 @@ def _kl_exit_stats(model, batches, threshold: float, max_depth: int) -> dict:
     wrong.append(np.asarray(logits).argmax(-1) != b["targets"])
     depths.append(np.asarray(dep))
     flops.append(exits.kl_exit_flops_per_token(model.cfg, np.asarray(dep), breakdown=True))
-  d = np.concatenate([np.ravel(b["difficulty"]) for b in batches])
-  mask = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
-  dep = np.concatenate([np.ravel(x) for x in depths])
+  d, mask, dep = _flat([b["difficulty"] for b in batches]), _scored(batches), _flat(depths)
   return {"error": per_difficulty(wrong, batches), "mean_depth": per_difficulty(depths, batches),
           "spearman": spearman(dep[mask], d[mask]),
           "flops_per_token": float(np.mean([f["model"] for f in flops])),
@@ -333,8 +337,8 @@ def token_depths(model, cfg: Config, num_batches: int = 4) -> dict:
   res = _evaluate_modes(model, batches, 0) if cfg.model.kind == "mor" else None
   if res is None:
     raise ValueError(f"token_depths needs a MoR run, got model.kind={cfg.model.kind!r}")
-  mask = np.concatenate([np.ravel(b["mask"]) for b in batches]).astype(bool)
-  flat = lambda xs: np.concatenate([np.ravel(x) for x in xs])[mask]
+  mask = _scored(batches)
+  flat = lambda xs: _flat(xs)[mask]
   return {"difficulty": flat([b["difficulty"] for b in batches]),
           "causal": flat(res["causal"]["depth"]), "topk": flat(res["topk"]["depth"]),
           "inputs": batches[0]["inputs"], "targets": batches[0]["targets"],

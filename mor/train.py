@@ -1,9 +1,9 @@
 """Training: sharded init, a pure jitted train step, evaluation and the loop.
 
 The step is a pure function `(state, batch) -> (state, metrics)` over the
-`nnx.split` state (the learning-rate schedule's numbers are a runtime argument, bound
-per run, so runs that differ in steps or lr share one compile), jitted with explicit in/out shardings and donated buffers
-(this is what pjit became). Side effects (data, metrics, checkpoints) live in
+`nnx.split` state, jitted with explicit in/out shardings and donated buffers
+(this is what pjit became); the learning-rate schedule's numbers are a runtime
+argument bound per run, so runs that differ in steps or lr share one compile. Side effects (data, metrics, checkpoints) live in
 `run`, the loop.
 """
 from __future__ import annotations
@@ -309,10 +309,7 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
   The jitted programs are cached per (model, STEP_FIELDS, mesh): resuming, seeds
   and sweeps over steps, learning rates or budgets in one process reuse one compile.
   """
-  return _setup(cfg, mesh if mesh is not None else sharding.make_mesh(cfg.mesh))
-
-
-def _setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
+  mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
   steps, per_step = num_steps(cfg)
   p = _programs(cfg.model, tuple((f, getattr(cfg.train, f)) for f in STEP_FIELDS), mesh)
   sched = jax.device_put(schedule_args(cfg.train, steps), sharding.replicated(mesh))

@@ -49,6 +49,8 @@ warmup_steps, the static fast branch runs afterwards (both are compiled).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -113,8 +115,8 @@ class MoRTransformer(Transformer):
     """
     if caches is not None:
       if self.cfg.router.depth_from != "router":
-        raise ValueError("router.depth_from={!r} takes depths from the data: no decoding".format(
-            self.cfg.router.depth_from))
+        raise ValueError(f"router.depth_from={self.cfg.router.depth_from!r} takes depths from "
+                         "the data: no decoding")
       pos_BxS = default_positions(tokens_BxS) if pos_BxS is None else pos_BxS
       return mor_decode.cached_forward(self, tokens_BxS, pos_BxS, caches)
     x, _, aux = self._trunk(tokens_BxS, pos_BxS, routing, step, max_depth, depth_BxS)
@@ -155,20 +157,16 @@ class MoRTransformer(Transformer):
     x = self.embed_tokens(tokens_BxS)
     for b in self.plan.prefix:
       x = self.apply_block(b, x, pos_BxS)[0]
-    if forced_BxS is not None:   # token-choice with given depths (slots as _recursions)
-      s = x.shape[1]
-      slots = (s,) * self.cfg.num_recursions if routing == "causal" else tuple(
-          R.capacities(self.cfg, s))
-      x, depth_BxS, aux = self._token_choice(x, pos_BxS, slots, routing, forced_BxS=forced_BxS)
-    else:
-      x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step, max_depth)
+    x, depth_BxS, aux = self._recursions(x, pos_BxS, routing, step, max_depth, forced_BxS)
     for b in self.plan.suffix:
       x = self.apply_block(b, x, pos_BxS)[0]
     return x, depth_BxS, aux
 
-  def _recursions(self, x_BxSxD, pos_BxS, routing, step, max_depth=None):
+  def _recursions(self, x_BxSxD, pos_BxS, routing, step, max_depth=None, forced_BxS=None):
     s, n = x_BxSxD.shape[1], self.cfg.num_recursions
     run = self._expert_choice if self.expert_choice else self._token_choice
+    if forced_BxS is not None:   # token-choice only (checked in _trunk)
+      run = functools.partial(run, forced_BxS=forced_BxS)
     full = (s,) * n
     if routing == "causal":
       return run(x_BxSxD, pos_BxS, (s,) * (max_depth or n), mode="causal")
